@@ -1,0 +1,52 @@
+"""User-facing errors: every CLI turns them into one line on stderr and a non-zero exit."""
+import functools
+import os
+import sys
+
+
+class UserError(Exception):
+    """Bad input the user can fix; the message is the whole story, no traceback."""
+
+
+def cli(main):
+    """Wrap a CLI entry point: UserError (and interrupted runs) end with one line and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper
+
+
+def positive(kind=int):
+    """argparse type for strictly positive numbers."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise __import__("argparse").ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise __import__("argparse").ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def writable_file(path):
+    """Fail early (before any work) when the output file's folder cannot be created or written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output folder {folder} is not writable")
+    return path

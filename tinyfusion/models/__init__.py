@@ -1,0 +1,3 @@
+from .dit import DiT, DiTBlock, DiTConfig, config_from_name
+
+__all__ = ["DiT", "DiTBlock", "DiTConfig", "config_from_name"]

@@ -1,0 +1,54 @@
+"""A run folder's log.txt, metrics.json and PNG plots."""
+import json
+import os
+import time
+
+from .checkpoint import atomic_write
+
+
+class RunLog:
+    def __init__(self, run_dir, enabled=True):
+        self.run_dir, self.enabled = run_dir, enabled
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+
+    def write(self, line, echo=True):
+        if not self.enabled:
+            return
+        with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
+            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n")
+        if echo:
+            print(line, flush=True)
+
+    def metrics(self, data, name="metrics.json"):
+        if not self.enabled:
+            return
+        path = os.path.join(self.run_dir, name)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=2)
+
+        atomic_write(path, write)
+
+
+def plot_curve(curve, path, title):
+    """Loss against step, log-scaled."""
+    if not curve:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, values = zip(*curve)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, values)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)

@@ -1,0 +1,201 @@
+"""Train a DiT: `python -m tinyfusion.train --preset digits` (the embedded teacher) or on latents.
+
+AdamW, EMA, gradient clipping, periodic atomic checkpoints, `--resume`, progress bar, and torchrun
+DDP (the global batch is split across ranks, rank 0 writes). Output in `runs/<name>/`:
+`model.safetensors` (EMA weights with config and provenance), `checkpoints/last.pt` (full state),
+`metrics.json` (loss curve), `loss.png`, `log.txt`.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .diffusion import create_diffusion
+from .distributed import cleanup, setup
+from .errors import UserError, cli, positive
+from .models import DiT, DiTConfig, config_from_name
+from .runlog import RunLog, plot_curve
+
+PRESETS = {
+    # The embedded teacher: depth 12 so that 1:2, 2:4, 3:6 and 6:12 all apply (12 -> 6 mirrors 28 -> 14).
+    "digits": dict(
+        config=DiTConfig(depth=12, hidden_size=128, patch_size=2, num_heads=4, input_size=8, in_channels=1, num_classes=10),
+        steps=5000, global_batch_size=128, lr=5e-4, ema_decay=0.999, warmup=200, name="digits-teacher",
+    ),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m tinyfusion.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a complete recipe; flags given explicitly override it")
+    p.add_argument("--model", help="DiT-{S,B,L,XL}/{2,4,8}, or DiT-XL-D14/2 for another depth (latent training)")
+    p.add_argument("--depth", type=positive(), help="override the model's depth")
+    p.add_argument("--data-path", help="folder of pre-extracted latents (<name>_features/, <name>_labels/)")
+    p.add_argument("--image-size", type=positive(), default=256, help="image size the latents come from (latent = size/8)")
+    p.add_argument("--num-classes", type=positive(), default=1000)
+    p.add_argument("--steps", type=positive())
+    p.add_argument("--global-batch-size", type=positive())
+    p.add_argument("--lr", type=positive(float))
+    p.add_argument("--warmup", type=int, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=positive(float), default=1.0)
+    p.add_argument("--ema-decay", type=positive(float))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results-dir", default="runs")
+    p.add_argument("--name", help="run folder name under --results-dir")
+    p.add_argument("--ckpt-every", type=positive(), default=500, help="steps between resumable checkpoints")
+    p.add_argument("--log-every", type=positive(), default=50)
+    p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last.pt")
+    p.add_argument("--num-workers", type=int, default=2)
+    args = p.parse_args(argv)
+    preset = PRESETS.get(args.preset, {})
+    for key in ("steps", "global_batch_size", "lr", "ema_decay", "warmup", "name"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, {"steps": 400_000, "global_batch_size": 256, "lr": 1e-4,
+                                                "ema_decay": 0.9999, "warmup": 0, "name": "train"}[key]))
+    if args.preset:
+        args.config = copy.deepcopy(preset["config"])
+    elif args.model and args.data_path:
+        try:
+            args.config = config_from_name(args.model, input_size=args.image_size // 8, num_classes=args.num_classes)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    else:
+        raise UserError("give --preset digits, or --model and --data-path for latent training")
+    if args.depth:
+        args.config.depth = args.depth
+    return args
+
+
+class DigitsBatches:
+    """Random batches from the in-memory digits set, seeded per rank."""
+
+    def __init__(self, batch, seed, rank):
+        from .data import load_digits_tensors
+
+        self.x, self.y = load_digits_tensors()
+        self.batch = batch
+        self.g = torch.Generator().manual_seed(seed * 1000 + rank)
+
+    def next(self):
+        idx = torch.randint(len(self.x), (self.batch,), generator=self.g)
+        return self.x[idx], self.y[idx]
+
+
+class LatentBatches:
+    def __init__(self, path, batch, seed, rank, world, num_classes, workers, latent_shape):
+        from .data import LatentFolder
+
+        ds = LatentFolder(path, num_classes)
+        if ds.latent_shape[1:] != latent_shape[1:] or ds.latent_shape[0] != latent_shape[0]:
+            raise UserError(f"{path}: latents are {ds.latent_shape}, the model expects {latent_shape} (check --image-size)")
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True)
+        if len(self.loader) == 0:
+            raise UserError(f"{path}: fewer latents ({len(ds)}) than one batch per rank ({batch})")
+        self.sampler, self.epoch, self.it = sampler, 0, None
+
+    def next(self):
+        while True:
+            if self.it is None:
+                self.sampler.set_epoch(self.epoch)
+                self.it = iter(self.loader)
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.epoch, self.it = self.epoch + 1, None
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup()
+    if args.global_batch_size % world:
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
+    run_dir = os.path.join(args.results_dir, args.name)
+    state_path = os.path.join(run_dir, "checkpoints", "last.pt")
+    if args.resume and not os.path.isfile(state_path):
+        raise UserError(f"--resume: no checkpoint at {state_path}")
+    torch.manual_seed(args.seed * 1000 + rank)
+
+    cfg = args.config
+    model = DiT(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    diffusion = create_diffusion(learn_sigma=cfg.learn_sigma)
+    start, curve = 0, []
+    if args.resume:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start, curve = state["step"], json.loads(state["curve"])
+        torch.set_rng_state(state["rng"])
+    local_batch = args.global_batch_size // world
+    if args.preset == "digits":
+        data = DigitsBatches(local_batch, args.seed + start, rank)
+    else:
+        data = LatentBatches(args.data_path, local_batch, args.seed, rank, world, cfg.num_classes, args.num_workers,
+                             (cfg.in_channels, cfg.input_size, cfg.input_size))
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    log = RunLog(run_dir, enabled=rank == 0)
+    if rank == 0:
+        log.write(f"{'resuming at step ' + str(start) if start else 'starting'}: {json.dumps(cfg.to_dict())}")
+        log.write("command: " + " ".join(["python -m tinyfusion.train", *(argv if argv is not None else sys.argv[1:])]))
+
+    model.train()
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="train", dynamic_ncols=True)
+    t0, running = time.time(), []
+    for step in bar:
+        x, y = data.next()
+        x, y = x.to(device), y.to(device)
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+        loss = diffusion.training_losses(lambda xt, tt: net(xt, tt, y), x, t)["loss"].mean()
+        if not torch.isfinite(loss):
+            raise UserError(f"non-finite loss at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        update_ema(ema, model, args.ema_decay)
+        running.append(loss.item())
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            mean = sum(running) / len(running)
+            running = []
+            curve.append([done, mean])
+            bar.set_postfix(loss=f"{mean:.4f}")
+            log.write(f"step {done} loss {mean:.5f} ({time.time() - t0:.0f}s)", echo=False)
+        if rank == 0 and (done % args.ckpt_every == 0 or done == args.steps):
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done,
+                     "curve": json.dumps(curve), "rng": torch.get_rng_state()}
+            checkpoint.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+    if rank == 0:
+        wall = time.time() - t0
+        checkpoint.save(ema, os.path.join(run_dir, "model.safetensors"), source="tinyfusion.train",
+                        preset=args.preset, steps=args.steps, seed=args.seed, global_batch_size=args.global_batch_size,
+                        lr=args.lr, ema_decay=args.ema_decay)
+        log.metrics({"steps": args.steps, "wall_seconds_this_run": round(wall, 1), "world_size": world,
+                     "loss_curve": curve, "final_loss": curve[-1][1] if curve else None})
+        plot_curve(curve, os.path.join(run_dir, "loss.png"), "training loss (eps-MSE + VB)")
+        log.write(f"done: {run_dir}/model.safetensors ({wall:.0f}s this run)")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()
