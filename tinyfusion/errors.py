@@ -1,4 +1,5 @@
 """User-facing errors: every CLI turns them into one line on stderr and a non-zero exit."""
+import argparse
 import functools
 import os
 import sys
@@ -25,6 +26,18 @@ def cli(main):
     return wrapper
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and help text kept as written."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def positive(kind=int):
     """argparse type for strictly positive numbers."""
 
@@ -32,9 +45,9 @@ def positive(kind=int):
         try:
             value = kind(text)
         except ValueError:
-            raise __import__("argparse").ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if value <= 0:
-            raise __import__("argparse").ArgumentTypeError(f"must be positive, got {text}")
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
 
     return parse

@@ -5,7 +5,6 @@ DDP (the global batch is split across ranks, rank 0 writes). Output in `runs/<na
 `model.safetensors` (EMA weights with config and provenance), `checkpoints/last.pt` (full state),
 `metrics.json` (loss curve), `loss.png`, `log.txt`.
 """
-import argparse
 import copy
 import json
 import os
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .diffusion import create_diffusion
 from .distributed import cleanup, setup
-from .errors import UserError, cli, positive
+from .errors import Parser, UserError, cli, positive
 from .models import DiT, DiTConfig, config_from_name
 from .runlog import RunLog, plot_curve
 
@@ -32,8 +31,7 @@ PRESETS = {
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m tinyfusion.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m tinyfusion.train", description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a complete recipe; flags given explicitly override it")
     p.add_argument("--model", help="DiT-{S,B,L,XL}/{2,4,8}, or DiT-XL-D14/2 for another depth (latent training)")
     p.add_argument("--depth", type=positive(), help="override the model's depth")

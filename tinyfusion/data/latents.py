@@ -27,7 +27,7 @@ def find_layout(root):
 class LatentFolder(torch.utils.data.Dataset):
     def __init__(self, root, num_classes=None):
         self.features_dir, self.labels_dir = find_layout(root)
-        self.names = sorted(n for n in os.listdir(self.features_dir) if n.endswith(".npy"))
+        self.names = sorted(n for n in os.listdir(self.features_dir) if n.endswith(".npy") and not n.startswith("."))
         if not self.names:
             raise UserError(f"{self.features_dir}: no .npy files")
         missing = [n for n in self.names if not os.path.isfile(os.path.join(self.labels_dir, n))]

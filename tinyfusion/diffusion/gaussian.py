@@ -26,8 +26,8 @@ def space_timesteps(num_timesteps, spacing):
                 return set(range(0, num_timesteps, stride))
         raise ValueError(f"cannot take exactly {n} strided steps from {num_timesteps}")
     n = int(spacing)
-    if not 0 < n <= num_timesteps:
-        raise ValueError(f"steps must be in 1..{num_timesteps}, got {n}")
+    if not 2 <= n <= num_timesteps:
+        raise ValueError(f"steps must be in 2..{num_timesteps}, got {n}")
     frac = (num_timesteps - 1) / max(n - 1, 1)
     return {round(i * frac) for i in range(n)}
 

@@ -1,0 +1,66 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tinyfusion.models import DiT, DiTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_config(**kw):
+    base = dict(depth=3, hidden_size=48, patch_size=2, num_heads=3, input_size=8, in_channels=4, num_classes=5)
+    base.update(kw)
+    return DiTConfig(**base)
+
+
+def randomized(model, seed=0, std=0.05):
+    """A DiT with every weight random (fresh DiTs zero their adaLN and output layers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()
+
+
+def tiny_dit(seed=0, **kw):
+    torch.manual_seed(seed)
+    return randomized(DiT(tiny_config(**kw)), seed)
+
+
+def inputs(cfg, n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    y = torch.randint(0, cfg.num_classes, (n,), generator=g)
+    return x, t, y
+
+
+def run_main(main, argv, capsys):
+    """Run a CLI's main in-process: (exit code, stdout, stderr)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def run_module(args, timeout=600, env=None):
+    """Run `python -m ...` (or torchrun) in a subprocess from the repo root."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(args if args[0] != "-m" else [sys.executable, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for f in fragments:
+        assert f in lines[0], lines[0]

@@ -1,0 +1,30 @@
+"""A local diffusers AutoencoderKL (e.g. sd-vae-ft-ema) for latents <-> images; never downloads."""
+import os
+
+import torch
+
+from ..errors import UserError
+
+SCALE = 0.18215  # Stable Diffusion VAE latent scale, as DiT uses
+
+
+def load_vae(path, device="cpu"):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{path}: not a local diffusers AutoencoderKL folder (no config.json)")
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: cannot load the VAE ({str(e).splitlines()[0][:160]})") from None
+
+
+@torch.no_grad()
+def encode(vae, images):
+    """images in [-1, 1] (N, 3, H, W) -> scaled latent samples (N, C, H/8, W/8)."""
+    return vae.encode(images).latent_dist.sample() * SCALE
+
+
+@torch.no_grad()
+def decode(vae, latents):
+    return vae.decode(latents / SCALE).sample.clamp(-1, 1)

@@ -1,0 +1,44 @@
+"""Sampler flags shared by `sample` and `evaluate`, and the batched sampling they drive."""
+import torch
+from tqdm import tqdm
+
+from .diffusion import DEFAULT_STEPS, sample
+from .errors import UserError, positive
+
+
+def add_sampler_args(p):
+    g = p.add_argument_group("sampler")
+    g.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
+                   help="ddim (deterministic, eta 0) or ddpm (ancestral, as the paper evaluates)")
+    g.add_argument("--steps", type=positive(), help=f"sampling steps (default: ddim {DEFAULT_STEPS['ddim']}, ddpm {DEFAULT_STEPS['ddpm']})")
+    g.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 disables it")
+    g.add_argument("--guidance-channels", default="all",
+                   help="'all' guides every noise channel (diffusers' DiTPipeline); '3' guides the first 3 "
+                        "channels only, as facebookresearch/DiT's sample.py does")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=positive(), default=500, help="samples per forward batch")
+
+
+def sampler_settings(args):
+    if args.guidance_channels not in ("all", "3"):
+        raise UserError(f"--guidance-channels must be 'all' or '3', got {args.guidance_channels!r}")
+    if args.cfg_scale < 1:
+        raise UserError(f"--cfg-scale must be at least 1, got {args.cfg_scale}")
+    return {"name": args.sampler, "steps": args.steps or DEFAULT_STEPS[args.sampler], "cfg_scale": args.cfg_scale,
+            "guidance_channels": args.guidance_channels, "seed": args.seed}
+
+
+def sample_batched(model, labels, settings, batch_size, desc="sampling"):
+    """Samples for `labels`, batch by batch; batch i uses seed + i so results do not depend on the order."""
+    if labels.numel() and (labels.min() < 0 or labels.max() >= model.y_embedder.num_classes):
+        raise UserError(f"labels must be in 0..{model.y_embedder.num_classes - 1}")
+    c = model.config
+    shape = (c.in_channels, c.input_size, c.input_size)
+    gc = None if settings["guidance_channels"] == "all" else 3
+    out = []
+    chunks = labels.split(batch_size)
+    with tqdm(total=len(chunks) * settings["steps"], desc=desc, dynamic_ncols=True) as bar:
+        for i, chunk in enumerate(chunks):
+            out.append(sample(model, chunk, shape, settings["name"], settings["steps"], settings["cfg_scale"], gc,
+                              seed=settings["seed"] + i, progress=bar))
+    return torch.cat(out)
