@@ -60,7 +60,8 @@ def run_module(args, timeout=600, env=None):
 
 def assert_one_line_error(code, err, *fragments):
     assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert "Traceback" not in err, err
+    lines = [l[l.index("error:"):] for l in err.splitlines() if "error:" in l]  # progress-bar residue aside
+    assert len(lines) == 1, err
     for f in fragments:
         assert f in lines[0], lines[0]

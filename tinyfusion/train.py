@@ -17,7 +17,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .diffusion import create_diffusion
 from .distributed import cleanup, setup
-from .errors import Parser, UserError, cli, positive
+from .errors import Parser, UserError, cli, positive, writable_file
 from .models import DiT, DiTConfig, config_from_name
 from .runlog import RunLog, plot_curve
 
@@ -124,6 +124,8 @@ def main(argv=None):
     if args.global_batch_size % world:
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
     run_dir = os.path.join(args.results_dir, args.name)
+    if rank == 0:
+        writable_file(os.path.join(run_dir, "log.txt"))
     state_path = os.path.join(run_dir, "checkpoints", "last.pt")
     if args.resume and not os.path.isfile(state_path):
         raise UserError(f"--resume: no checkpoint at {state_path}")

@@ -12,6 +12,9 @@ def load_vae(path, device="cpu"):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"{path}: not a local diffusers AutoencoderKL folder (no config.json)")
     from diffusers import AutoencoderKL
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()  # no advice about optional accelerate on every load
 
     try:
         return AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()

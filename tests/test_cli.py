@@ -1,0 +1,114 @@
+"""The CLIs end to end on tiny settings, and their bad-input behaviour."""
+import json
+import os
+
+import pytest
+import torch
+
+import tinyfusion
+from tinyfusion.evaluate import main as evaluate_main
+from tinyfusion.sample import main as sample_main
+from tinyfusion.train import main as train_main
+
+from conftest import assert_one_line_error, run_main, run_module, tiny_dit
+
+TINY = ["--preset", "digits", "--depth", "2", "--global-batch-size", "16", "--log-every", "5"]
+
+
+def test_train_resume_continues_where_it_stopped(tmp_path, capsys):
+    args = [*TINY, "--results-dir", str(tmp_path), "--name", "r", "--ckpt-every", "5"]
+    code, out, err = run_main(train_main, [*args, "--steps", "10"], capsys)
+    assert code == 0, err
+    code, out, err = run_main(train_main, [*args, "--steps", "20", "--resume"], capsys)
+    assert code == 0, err
+    assert "resuming at step 10" in out
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert [s for s, _ in metrics["loss_curve"]] == [5, 10, 15, 20]
+    model = tinyfusion.load(str(tmp_path / "r" / "model.safetensors"))
+    assert model.config.depth == 2 and model.provenance["steps"] == 20
+    assert (tmp_path / "r" / "loss.png").stat().st_size > 1000
+
+
+def test_train_ddp_two_gloo_ranks(tmp_path):
+    res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "tinyfusion.train",
+                      *TINY, "--steps", "6", "--results-dir", str(tmp_path), "--name", "ddp"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 6
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--steps", "0"], "must be positive"),
+    (["--global-batch-size", "-4"], "must be positive"),
+    ([], "give --preset digits"),
+    (["--model", "DiT-Q/2", "--data-path", "x"], "unknown model name"),
+    (["--resume", "--name", "never"], "no checkpoint"),
+])
+def test_train_bad_input(tmp_path, capsys, argv, fragment):
+    base = ["--results-dir", str(tmp_path)] + (["--preset", "digits"] if argv and argv[0] in ("--steps", "--global-batch-size", "--resume") else [])
+    code, _, err = run_main(train_main, [*base, *argv], capsys)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_train_unwritable_results_dir(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_main(train_main, [*TINY, "--results-dir", str(tmp_path / "file" / "sub")], capsys)
+    assert_one_line_error(code, err, "cannot create output folder")
+
+
+@pytest.fixture
+def digits_ckpt(tmp_path):
+    m = tiny_dit(in_channels=1, num_classes=10, depth=2)
+    path = tmp_path / "d.safetensors"
+    tinyfusion.save(m, str(path))
+    return str(path)
+
+
+def test_sample_grid_and_evaluate_json(tmp_path, capsys, digits_ckpt):
+    code, out, err = run_main(sample_main, ["--ckpt", digits_ckpt, "--out", str(tmp_path / "g.png"), "--steps", "3",
+                                            "--per-class", "2", "--classes", "1,4,9"], capsys)
+    assert code == 0, err
+    from PIL import Image
+
+    assert Image.open(tmp_path / "g.png").size == (2 * 32 + 2, 3 * 32 + 2 * 2)
+    code, out, err = run_main(evaluate_main, ["--ckpt", digits_ckpt, "--samples", "50", "--steps", "3", "--splits", "3",
+                                              "--json", str(tmp_path / "m.json")], capsys)
+    assert code == 0, err
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert {"digits_fid", "real_floor_fid", "real_floor_std", "class_accuracy", "precision", "recall", "samples", "sampler"} <= set(m)
+    assert m["samples"] == 50 and m["sampler"]["steps"] == 3 and "real-vs-real floor" in out
+
+
+@pytest.mark.parametrize("main,extra,fragment", [
+    (sample_main, ["--classes", "3,12"], "outside 0..9"),
+    (sample_main, ["--steps", "-2"], "must be positive"),
+    (sample_main, ["--guidance-channels", "2"], "must be 'all' or '3'"),
+    (evaluate_main, ["--samples", "0"], "must be positive"),
+    (evaluate_main, ["--cfg-scale", "0.5"], "at least 1"),
+])
+def test_sample_evaluate_bad_input(tmp_path, capsys, digits_ckpt, main, extra, fragment):
+    code, _, err = run_main(main, ["--ckpt", digits_ckpt, *extra], capsys)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_outputs_in_unwritable_places_fail_before_work(tmp_path, capsys, digits_ckpt):
+    (tmp_path / "f").write_text("x")
+    code, _, err = run_main(sample_main, ["--ckpt", digits_ckpt, "--out", str(tmp_path / "f" / "g.png")], capsys)
+    assert_one_line_error(code, err, "cannot create output folder")
+    code, _, err = run_main(evaluate_main, ["--ckpt", digits_ckpt, "--json", str(tmp_path / "f" / "m.json")], capsys)
+    assert_one_line_error(code, err, "cannot create output folder")
+
+
+def test_evaluate_refuses_non_digits_models(tmp_path, capsys):
+    path = tmp_path / "latent.safetensors"
+    tinyfusion.save(tiny_dit(), str(path))
+    code, _, err = run_main(evaluate_main, ["--ckpt", str(path)], capsys)
+    assert_one_line_error(code, err, "digits metrics need a digits model")
+    code, _, err = run_main(sample_main, ["--ckpt", str(path), "--out", str(tmp_path / "g.png")], capsys)
+    assert_one_line_error(code, err, "give --vae")
+
+
+def test_cli_help_runs():
+    for mod in ("train", "sample", "evaluate", "convert", "extract_features", "train_classifier"):
+        res = run_module(["-m", f"tinyfusion.{mod}", "--help"])
+        assert res.returncode == 0 and "usage:" in res.stdout, mod

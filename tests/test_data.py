@@ -1,0 +1,134 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tinyfusion.data import LatentFolder, load_digits_tensors
+from tinyfusion.errors import UserError
+from tinyfusion.extract_features import main as extract_main
+
+from conftest import assert_one_line_error, run_main, run_module
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def test_digits_are_real_and_scaled():
+    x, y = load_digits_tensors()
+    assert x.shape == (1797, 1, 8, 8) and y.shape == (1797,)
+    assert x.min() == -1 and x.max() == 1 and set(y.tolist()) == set(range(10))
+    assert load_digits_tensors(16)[0].shape == (1797, 1, 16, 16)
+
+
+def make_latents(root, n=5, label=lambda i: i % 3, stack=2):
+    (root / "imagenet256_features").mkdir(parents=True)
+    (root / "imagenet256_labels").mkdir()
+    for i in range(n):
+        np.save(root / "imagenet256_features" / f"{i}.npy", np.random.randn(stack, 4, 4, 4).astype(np.float32))
+        np.save(root / "imagenet256_labels" / f"{i}.npy", np.array([label(i)]))
+
+
+def test_latent_folder_official_layout(tmp_path):
+    make_latents(tmp_path)
+    ds = LatentFolder(str(tmp_path), num_classes=3)
+    x, y = ds[4]
+    assert len(ds) == 5 and x.shape == (4, 4, 4) and y == 1 and ds.latent_shape == (4, 4, 4)
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("missing", "does not exist"), ("empty", "no '\\*_features' folder"), ("no-labels", "no matching"),
+    ("no-files", "no .npy files"), ("bad-label", "outside 0..2"),
+])
+def test_latent_folder_bad_input(tmp_path, case, fragment):
+    root = tmp_path / "d"
+    if case == "empty":
+        root.mkdir()
+    elif case == "no-labels":
+        (root / "x_features").mkdir(parents=True)
+    elif case == "no-files":
+        (root / "x_features").mkdir(parents=True)
+        (root / "x_labels").mkdir()
+    elif case == "bad-label":
+        make_latents(root, label=lambda i: 7)
+    with pytest.raises(UserError, match=fragment):
+        ds = LatentFolder(str(root), num_classes=3)
+        ds[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A real diffusers AutoencoderKL (random weights, tiny config) saved as a local folder."""
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+    )
+    vae.save_pretrained(path)
+    return str(path)
+
+
+def make_images(root, per_class=3, classes=("cat", "dog"), size=(40, 30)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_extract_features_layout_flip_and_resume(tmp_path, tiny_vae, capsys):
+    make_images(tmp_path / "imgs")
+    args = ["--data-path", str(tmp_path / "imgs"), "--vae", tiny_vae, "--out", str(tmp_path / "lat"), "--image-size", "16"]
+    code, out, err = run_main(extract_main, args, capsys)
+    assert code == 0, err
+    ds = LatentFolder(str(tmp_path / "lat"), num_classes=2)
+    assert len(ds) == 6 and ds.latent_shape == (4, 2, 2)
+    feats = np.load(tmp_path / "lat" / "imagenet16_features" / "00000003.npy")
+    assert feats.shape == (2, 4, 2, 2) and not np.allclose(feats[0], feats[1])  # image and its flip
+    assert [ds.label(i) for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    os.remove(tmp_path / "lat" / "imagenet16_features" / "00000004.npy")
+    code, out, err = run_main(extract_main, args, capsys)
+    assert code == 0 and "(1 encoded by rank 0 this run)" in out
+
+
+def test_extract_features_two_ranks_match_one(tmp_path, tiny_vae):
+    """torchrun with 2 gloo ranks writes the same files (names by global index) as one process."""
+    make_images(tmp_path / "imgs", per_class=2)
+    common = ["--data-path", str(tmp_path / "imgs"), "--vae", tiny_vae, "--image-size", "16"]
+    one = run_module(["-m", "tinyfusion.extract_features", *common, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m",
+                      "tinyfusion.extract_features", *common, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr
+    names = sorted(os.listdir(tmp_path / "one" / "imagenet16_features"))
+    assert names == sorted(os.listdir(tmp_path / "two" / "imagenet16_features")) and len(names) == 4
+    for n in names:
+        a = np.load(tmp_path / "one" / "imagenet16_labels" / n)
+        b = np.load(tmp_path / "two" / "imagenet16_labels" / n)
+        assert np.array_equal(a, b)
+        assert np.load(tmp_path / "two" / "imagenet16_features" / n).shape == (2, 4, 2, 2)
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("size", "not divisible by 8"), ("empty", "no class subfolders"), ("no-images", "hold no images"),
+    ("not-image", "not a readable image"), ("bad-vae", "not a local diffusers AutoencoderKL"),
+])
+def test_extract_features_bad_input(tmp_path, tiny_vae, capsys, case, fragment):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    size, vae = "16", tiny_vae
+    if case == "size":
+        size = "20"
+    elif case == "no-images":
+        (imgs / "a").mkdir()
+        (imgs / "a" / "readme.txt").write_text("x")
+    elif case == "not-image":
+        (imgs / "a").mkdir()
+        (imgs / "a" / "broken.png").write_text("not a png")
+    elif case == "bad-vae":
+        make_images(imgs, per_class=1)
+        vae = str(tmp_path)
+    code, _, err = run_main(extract_main, ["--data-path", str(imgs), "--vae", vae, "--out", str(tmp_path / "o"), "--image-size", size], capsys)
+    assert_one_line_error(code, err, fragment)
