@@ -127,3 +127,13 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         checkpoint.atomic_write(str(tmp_path / "x.bin"), boom)
     assert os.listdir(tmp_path) == []
+
+
+def test_convert_model_name_checks(tmp_path, capsys):
+    tinyfusion.save(tiny_dit(), str(tmp_path / "m.safetensors"))
+    base = ["--to", "dit", "--ckpt", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "o.safetensors")]
+    code, _, err = run_main(convert_main, [*base, "--model", "DiT-XL/2"], capsys)
+    assert_one_line_error(code, err, "depth 28 was asked for but the weights have depth 3")
+    code, _, err = run_main(convert_main, [*base, "--model", "DiT-XXL/2"], capsys)
+    assert_one_line_error(code, err, "unknown model name")
+    assert not (tmp_path / "o.safetensors").exists()

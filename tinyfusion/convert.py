@@ -16,6 +16,7 @@ import tempfile
 
 from . import checkpoint
 from .errors import Parser, UserError, cli
+from .models import config_from_name
 from .models.diffusers_keys import dit_to_diffusers
 
 
@@ -70,9 +71,16 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="input checkpoint (.pt, .safetensors or a diffusers folder)")
     p.add_argument("--out", required=True, help="diffusers: output folder; dit: output .safetensors or .pt file")
     p.add_argument("--num-heads", type=int, help="attention heads, when the input cannot say (non-standard widths)")
+    p.add_argument("--model", help="assert the weights are this model, e.g. DiT-XL/2 or DiT-XL-D14/2")
     args = p.parse_args(argv)
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
-    model = checkpoint.load(args.ckpt, **overrides)
+    expect = None
+    if args.model:
+        try:
+            expect = config_from_name(args.model)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    model = checkpoint.load(args.ckpt, expect=expect, **overrides)
     if args.to == "diffusers":
         if os.path.isfile(args.out):
             raise UserError(f"--out {args.out} is a file; diffusers models are folders")
