@@ -170,12 +170,15 @@ def load(path, expect=None, **overrides):
     return model.eval()
 
 
-def save(model, path, **provenance):
-    """Write safetensors with config and provenance in the metadata, atomically (temp file, rename)."""
+def save(model, path, dtype=None, **provenance):
+    """Write safetensors with config and provenance in the metadata, atomically (temp file, rename).
+
+    dtype: store floating tensors in this dtype (e.g. torch.float16 to halve the file); `load` returns fp32.
+    """
     from safetensors.torch import save_file
 
     info = {"config": model.config.to_dict(), **provenance}
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={META_KEY: json.dumps(info), "format": "pt"}))
 
 
@@ -187,6 +190,9 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 
+import torch
+
 from . import checkpoint
 from .errors import Parser, UserError, cli
 from .models import config_from_name
@@ -71,6 +73,7 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="input checkpoint (.pt, .safetensors or a diffusers folder)")
     p.add_argument("--out", required=True, help="diffusers: output folder; dit: output .safetensors or .pt file")
     p.add_argument("--num-heads", type=int, help="attention heads, when the input cannot say (non-standard widths)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="storage dtype of a .safetensors output")
     p.add_argument("--model", help="assert the weights are this model, e.g. DiT-XL/2 or DiT-XL-D14/2")
     args = p.parse_args(argv)
     overrides = {"num_heads": args.num_heads} if args.num_heads else {}
@@ -86,12 +89,13 @@ def main(argv=None):
             raise UserError(f"--out {args.out} is a file; diffusers models are folders")
         write_diffusers(model, args.out)
     elif args.out.endswith(".pt"):  # the official format: a plain state dict
-        import torch
-
         sd = {k: v.contiguous() for k, v in model.state_dict().items()}
         checkpoint.atomic_write(args.out, lambda tmp: torch.save(sd, tmp))
     else:
-        checkpoint.save(model, args.out, source=os.path.abspath(args.ckpt), converted_from=args.ckpt)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        provenance = {**getattr(model, "provenance", {}), "converted_from": os.path.basename(os.path.normpath(args.ckpt))}
+        provenance.pop("config", None)
+        checkpoint.save(model, args.out, dtype=dtype, **provenance)
     print(f"wrote {args.out} (depth {model.config.depth}, hidden {model.config.hidden_size}, patch {model.config.patch_size})")
 
 
