@@ -1,0 +1,13 @@
+"""The shipped teacher against its quality bar (a 500-sample version of the model card's 1000-sample run)."""
+import tinyfusion
+from tinyfusion.assets import TEACHER_PATH
+from tinyfusion.evaluate import evaluate
+
+
+def test_shipped_teacher_meets_the_bar():
+    model = tinyfusion.load(TEACHER_PATH)
+    assert model.config.depth == 12 and model.provenance["preset"] == "digits"
+    settings = {"name": "ddim", "steps": 50, "cfg_scale": 1.5, "guidance_channels": "all", "seed": 1}
+    m = evaluate(model, 500, settings, splits=10)
+    assert m["class_accuracy"] >= 0.95, m
+    assert m["digits_fid"] <= 1.5 * m["real_floor_fid"], m
