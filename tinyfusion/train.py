@@ -19,6 +19,7 @@ from .diffusion import create_diffusion
 from .distributed import cleanup, setup
 from .errors import Parser, UserError, cli, positive, writable_file
 from .models import DiT, DiTConfig, config_from_name
+from .data.batches import DigitsBatches, LatentBatches
 from .runlog import RunLog, plot_curve
 
 PRESETS = {
@@ -72,45 +73,6 @@ def parse_args(argv):
     return args
 
 
-class DigitsBatches:
-    """Random batches from the in-memory digits set, seeded per rank."""
-
-    def __init__(self, batch, seed, rank):
-        from .data import load_digits_tensors
-
-        self.x, self.y = load_digits_tensors()
-        self.batch = batch
-        self.g = torch.Generator().manual_seed(seed * 1000 + rank)
-
-    def next(self):
-        idx = torch.randint(len(self.x), (self.batch,), generator=self.g)
-        return self.x[idx], self.y[idx]
-
-
-class LatentBatches:
-    def __init__(self, path, batch, seed, rank, world, num_classes, workers, latent_shape):
-        from .data import LatentFolder
-
-        ds = LatentFolder(path, num_classes)
-        if ds.latent_shape[1:] != latent_shape[1:] or ds.latent_shape[0] != latent_shape[0]:
-            raise UserError(f"{path}: latents are {ds.latent_shape}, the model expects {latent_shape} (check --image-size)")
-        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        self.loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True)
-        if len(self.loader) == 0:
-            raise UserError(f"{path}: fewer latents ({len(ds)}) than one batch per rank ({batch})")
-        self.sampler, self.epoch, self.it = sampler, 0, None
-
-    def next(self):
-        while True:
-            if self.it is None:
-                self.sampler.set_epoch(self.epoch)
-                self.it = iter(self.loader)
-            try:
-                return next(self.it)
-            except StopIteration:
-                self.epoch, self.it = self.epoch + 1, None
-
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -144,12 +106,15 @@ def main(argv=None):
         opt.load_state_dict(state["opt"])
         start, curve = state["step"], json.loads(state["curve"])
         torch.set_rng_state(state["rng"])
+        data_state = state["data"]
     local_batch = args.global_batch_size // world
     if args.preset == "digits":
-        data = DigitsBatches(local_batch, args.seed + start, rank)
+        data = DigitsBatches(args.global_batch_size, args.seed, rank, world)
     else:
         data = LatentBatches(args.data_path, local_batch, args.seed, rank, world, cfg.num_classes, args.num_workers,
                              (cfg.in_channels, cfg.input_size, cfg.input_size))
+    if args.resume:
+        data.load_state(data_state)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     log = RunLog(run_dir, enabled=rank == 0)
     if rank == 0:
@@ -183,7 +148,7 @@ def main(argv=None):
             log.write(f"step {done} loss {mean:.5f} ({time.time() - t0:.0f}s)", echo=False)
         if rank == 0 and (done % args.ckpt_every == 0 or done == args.steps):
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done,
-                     "curve": json.dumps(curve), "rng": torch.get_rng_state()}
+                     "curve": json.dumps(curve), "rng": torch.get_rng_state(), "data": data.state()}
             checkpoint.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
     if rank == 0:
         wall = time.time() - t0

@@ -1,0 +1,236 @@
+"""Depth-prune a DiT: `python -m tinyfusion.prune` (learnable TinyFusion search, or a baseline).
+
+With no arguments: the learnable search on the shipped digits teacher, 12 -> 6 layers, scheme 1:2.
+
+  python -m tinyfusion.prune --ckpt DiT-XL-2-256x256.pt --data-path LATENTS/ --scheme 1:2 --epochs 1
+  python -m tinyfusion.prune --groups "[[3,4],[3,4],[3,4],[3,4],[3,4],[2,4],[2,4]]" ...   (28 -> 19)
+  torchrun --nproc_per_node=K -m tinyfusion.prune ...                                      (DDP)
+  python -m tinyfusion.prune --method bi|fluxlite|sensitivity|oracle|random|first|last
+  python -m tinyfusion.prune --method indices --kept "[0,2,4,7,9,11]"
+  python -m tinyfusion.prune --method random-search --candidates 100
+
+Writes to --out (default runs/prune-<method>-<time>/): pruned.safetensors (blocks renumbered 0..N-1,
+loads as a plain DiT of depth N), decision.json, decisions.png (learnable) or scores.png, log.txt.
+The search state is checkpointed atomically; `--resume --out DIR` continues a killed run.
+"""
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from . import checkpoint
+from .diffusion import create_diffusion
+from .distributed import cleanup, setup
+from .errors import Parser, UserError, cli, positive, writable_file
+from .pruning import baselines
+from .pruning.calibration import CalibrationSet, calibration_loss
+from .pruning.learnable import LearnableSearch, SearchConfig
+from .pruning.masks import kept_from_choices, parse_groups, parse_scheme, validate_kept
+from .pruning.plots import plot_decisions, plot_scores
+from .pruning.surgery import prune_model
+from .runlog import RunLog
+
+METHODS = ["learnable", "bi", "fluxlite", "sensitivity", "oracle", "random", "first", "last", "indices", "random-search"]
+
+
+def parse_args(argv):
+    from .assets import TEACHER_PATH
+
+    p = Parser(prog="python -m tinyfusion.prune", description=__doc__)
+    p.add_argument("--ckpt", default=TEACHER_PATH, help="model to prune (default: the shipped digits teacher)")
+    p.add_argument("--method", default="learnable", help=f"one of: {', '.join(METHODS)}")
+    g = p.add_argument_group("what to keep")
+    g.add_argument("--scheme", default="1:2", help="uniform local N:M blocks (keep N of every M consecutive layers)")
+    g.add_argument("--groups", help='mixed blocks as JSON, e.g. "[[3,4],[2,4]]"; overrides --scheme')
+    g.add_argument("--target-depth", type=positive(), help="layers kept by score baselines (default: what the scheme keeps)")
+    g.add_argument("--kept", help='--method indices: source layers to keep, JSON list, e.g. "[0,2,4]"')
+    g.add_argument("--candidates", type=positive(), default=100, help="--method random-search: masks to score")
+    s = p.add_argument_group("learnable search (paper defaults)")
+    s.add_argument("--steps", type=positive(), help="search steps (default: 500 on digits, one epoch on latents)")
+    s.add_argument("--epochs", type=positive(float), help="search length in passes over the data, instead of --steps")
+    s.add_argument("--global-batch-size", type=positive(), default=128)
+    s.add_argument("--lr", type=positive(float), default=1e-4, help="weight-update learning rate")
+    s.add_argument("--gate-lr-mult", type=positive(float), default=10.0, help="gate lr = this x --lr")
+    s.add_argument("--tau-range", type=positive(float), nargs=2, default=[4.0, 0.1], metavar=("START", "END"),
+                   help="Gumbel temperature, annealed linearly")
+    s.add_argument("--scaling", type=positive(float), default=100.0, help="logit scale (one-hotness)")
+    s.add_argument("--ema-decay", type=positive(float), default=0.999, help="EMA of all trainable state; decides")
+    s.add_argument("--delta-w", default="lora", choices=["lora", "full", "none"], help="recoverability update")
+    s.add_argument("--lora-rank", type=positive(), default=8)
+    s.add_argument("--lora-alpha", type=positive(float), help="default 2 x rank")
+    s.add_argument("--keep-update", action="store_true", help="merge the update into the saved weights (default: discard)")
+    d = p.add_argument_group("data and run")
+    d.add_argument("--data-path", help="latent folder (<name>_features/, <name>_labels/); default: the digits set")
+    d.add_argument("--calib-samples", type=positive(), default=512, help="fixed samples for the calibration loss")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", help="run folder (default runs/prune-<method>-<time>/)")
+    d.add_argument("--resume", action="store_true", help="continue the search saved in --out")
+    d.add_argument("--ckpt-every", type=positive(), default=100)
+    d.add_argument("--log-every", type=positive(), default=10)
+    d.add_argument("--num-workers", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.method not in METHODS:
+        raise UserError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out, the run folder to continue")
+    if not 0 < args.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
+    if args.method == "indices" and not args.kept:
+        raise UserError("--method indices needs --kept")
+    args.out = args.out or os.path.join("runs", f"prune-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return args
+
+
+def make_data(args, cfg, rank, world, seed, global_batch):
+    from .data.batches import DigitsBatches, LatentBatches
+
+    if args.data_path:
+        return LatentBatches(args.data_path, global_batch // world, seed, rank, world, cfg.num_classes,
+                             args.num_workers, (cfg.in_channels, cfg.input_size, cfg.input_size))
+    if (cfg.in_channels, cfg.input_size, cfg.num_classes) != (1, 8, 10):
+        raise UserError(f"{args.ckpt} is not a digits model; give --data-path with latents for it")
+    return DigitsBatches(global_batch, seed, rank, world)
+
+
+def params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_learnable(args, model, groups, diffusion, rank, world, device, log):
+    data = make_data(args, model.config, rank, world, args.seed, args.global_batch_size)
+    steps = args.steps
+    if args.epochs:
+        n = len(data.loader.dataset) if hasattr(data, "loader") else len(data.x)
+        steps = max(1, math.ceil(args.epochs * n / args.global_batch_size))
+    steps = steps or (500 if not args.data_path else math.ceil(len(data.loader.dataset) / args.global_batch_size))
+    cfg = SearchConfig(groups=groups, steps=steps, global_batch_size=args.global_batch_size, lr=args.lr,
+                       gate_lr_mult=args.gate_lr_mult, tau_range=tuple(args.tau_range), scaling=args.scaling,
+                       ema_decay=args.ema_decay, delta_w=args.delta_w, lora_rank=args.lora_rank,
+                       lora_alpha=args.lora_alpha, class_dropout_prob=model.config.class_dropout_prob,
+                       seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every)
+    search = LearnableSearch(model, diffusion, data, cfg, rank, world, device)
+    state_path = os.path.join(args.out, "search_state.pt")
+    if args.resume:
+        if not os.path.isfile(state_path):
+            raise UserError(f"--resume: no search state at {state_path}")
+        search.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
+        log.write(f"resuming the search at step {search.step} of {steps}")
+    choices = search.run(state_path)
+    kept = kept_from_choices(groups, choices)
+    extra = {"history": search.history, "choices": choices, "skipped_steps": search.skipped, "steps": steps}
+    return kept, extra, search
+
+
+def run_baseline(args, model, groups, diffusion, calib, log):
+    depth = len(model.blocks)
+    k = args.target_depth or sum(n for n, _ in groups)
+    if k >= depth:
+        raise UserError(f"target depth {k} is not below the model's depth {depth}")
+    m = args.method
+    if m == "bi":
+        return baselines.block_influence(model, diffusion, calib, k)
+    if m == "fluxlite":
+        return baselines.fluxlite(model, diffusion, calib, k)
+    if m == "sensitivity":
+        from tqdm import tqdm
+
+        with tqdm(total=depth, desc="sensitivity", dynamic_ncols=True) as bar:
+            return baselines.sensitivity(model, diffusion, calib, k, bar)
+    if m == "oracle":
+        return baselines.oracle(depth, k), {}
+    if m == "random":
+        return baselines.random_mask(depth, k, args.seed), {}
+    if m == "first":
+        return list(range(k)), {}
+    if m == "last":
+        return list(range(depth - k, depth)), {}
+    if m == "indices":
+        try:
+            kept = json.loads(args.kept)
+            kept = [int(i) for i in kept]
+        except (ValueError, TypeError):
+            raise UserError(f"--kept must be a JSON list of integers, got {args.kept!r}") from None
+        if len(set(kept)) != len(kept):
+            raise UserError(f"--kept contains duplicates: {kept}")
+        return validate_kept(kept, depth), {}
+    if m == "random-search":
+        from tqdm import tqdm
+
+        with tqdm(total=args.candidates, desc="random-search", dynamic_ncols=True) as bar:
+            picks, all_losses = baselines.random_search(model, diffusion, calib, depth, k, args.candidates, args.seed, bar)
+        return picks["min"][1], {"picks": {n: {"calibration_loss": l, "kept": kp} for n, (l, kp) in picks.items()},
+                                 "all_losses": all_losses}
+    raise AssertionError(m)
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup()
+    if args.global_batch_size % world:
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
+    if rank == 0:
+        writable_file(os.path.join(args.out, "log.txt"))
+    source = checkpoint.load(args.ckpt)
+    depth = source.config.depth
+    groups = parse_groups(args.groups, depth) if args.groups else parse_scheme(args.scheme, depth)
+    diffusion = create_diffusion(learn_sigma=source.config.learn_sigma)
+    log = RunLog(args.out, enabled=rank == 0)
+    log.write("command: " + " ".join(["python -m tinyfusion.prune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
+    calib_data = make_data(args, source.config, 0, 1, args.seed + 7919, args.calib_samples)
+    calib = CalibrationSet.from_batches(calib_data, args.calib_samples, seed=args.seed)
+    source = source.to(device)
+
+    if args.method == "learnable":
+        kept, extra, search = run_learnable(args, copy.deepcopy(source), groups, diffusion, rank, world, device, log)
+        if args.keep_update:
+            from .pruning.lora import merge_lora
+
+            final = merge_lora(search.net.model).requires_grad_(False)
+        else:
+            final = source  # the paper's default: original weights of the kept layers
+    else:
+        kept, extra = run_baseline(args, source, groups, diffusion, calib, log)
+        final = source
+    loss = calibration_loss(final, diffusion, calib, kept=kept)
+    if rank == 0:
+        write_artifacts(args, source, final, kept, groups, loss, extra)
+    cleanup()
+
+
+def write_artifacts(args, source, final, kept, groups, loss, extra):
+    depth = source.config.depth
+    scheme = None if args.groups else args.scheme
+    shallow = prune_model(final, kept)
+    provenance = {"source": os.path.abspath(args.ckpt), "kept": kept, "source_depth": depth, "method": args.method,
+                  "scheme": scheme, "groups": groups, "keep_update": bool(args.keep_update)}
+    checkpoint.save(shallow, os.path.join(args.out, "pruned.safetensors"), **provenance)
+    if args.method == "random-search":
+        for name in ("median", "max"):
+            pick = extra["picks"][name]
+            checkpoint.save(prune_model(final, pick["kept"]), os.path.join(args.out, f"pruned-{name}.safetensors"),
+                            **{**provenance, "kept": pick["kept"], "pick": name})
+    decision = {"method": args.method, "scheme": scheme, "groups": groups, "kept": kept, "source_depth": depth,
+                "calibration_loss": loss, "calibration_samples": args.calib_samples, "source": provenance["source"],
+                "args": {k: v for k, v in vars(args).items()}, **extra}
+    log = RunLog(args.out)
+    log.metrics(decision, "decision.json")
+    if args.method == "learnable":
+        plot_decisions(extra["history"], groups, kept, os.path.join(args.out, "decisions.png"))
+    else:
+        for key, label in (("block_influence", "block influence (1 - cos)"), ("io_mse", "input-output MSE"),
+                           ("loss_without_layer", "calibration loss without the layer")):
+            if key in extra:
+                plot_scores(extra[key], kept, label, os.path.join(args.out, "scores.png"))
+    log.write(f"method {args.method}: kept {len(kept)}/{depth} layers {kept}")
+    log.write(f"params {params(source) / 1e6:.3f}M -> {params(shallow) / 1e6:.3f}M; calibration loss {loss:.5f} "
+              f"({args.calib_samples} fixed samples)")
+    log.write(f"run: {args.out} (pruned.safetensors, decision.json)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Depth pruning: N:M masks, Gumbel gates, the learnable search, baselines, surgery."""

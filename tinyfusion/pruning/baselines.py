@@ -1,0 +1,93 @@
+"""Depth-pruning baselines: each returns the sorted source indices it keeps.
+
+Importance scores are measured on the calibration set's *noised* inputs at t over the full 1000-step
+range (the official ShortGPT script feeds clean latents and t from the respaced [0, 250) range).
+"""
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .calibration import calibration_loss
+
+
+@torch.no_grad()
+def block_io_scores(model, diffusion, calib, batch_size=256):
+    """Per block: mean token cosine similarity and mean squared error between its input and output."""
+    model.eval()
+    device = next(model.parameters()).device
+    depth = len(model.blocks)
+    cos, mse, n = torch.zeros(depth, dtype=torch.float64), torch.zeros(depth, dtype=torch.float64), 0
+    for x0, y, t, noise in calib.chunks(batch_size, device):
+        xt = diffusion.q_sample(x0, t, noise)
+        h, c = model.embed(xt, diffusion.model_timesteps(t), y)
+        for i, block in enumerate(model.blocks):
+            out = block(h, c)
+            cos[i] += torch.nn.functional.cosine_similarity(h, out, dim=-1).mean(-1).double().sum()
+            mse[i] += ((out - h) ** 2).mean((1, 2)).double().sum()
+            h = out
+        n += len(x0)
+    return (cos / n).tolist(), (mse / n).tolist()
+
+
+def keep_top(scores, k):
+    """Indices of the k largest scores, sorted."""
+    return sorted(int(i) for i in np.argsort(-np.asarray(scores), kind="stable")[:k])
+
+
+def block_influence(model, diffusion, calib, k):
+    """ShortGPT: BI = 1 - cos(in, out); keep the k most influential blocks."""
+    cos, _ = block_io_scores(model, diffusion, calib)
+    bi = [1 - c for c in cos]
+    return keep_top(bi, k), {"block_influence": bi}
+
+
+def fluxlite(model, diffusion, calib, k):
+    """Flux-Lite: drop the blocks whose input-to-output MSE is smallest."""
+    _, mse = block_io_scores(model, diffusion, calib)
+    return keep_top(mse, k), {"io_mse": mse}
+
+
+def sensitivity(model, diffusion, calib, k, progress=None):
+    """Remove one layer at a time; keep the k whose removal raises the calibration loss most."""
+    depth = len(model.blocks)
+    base = calibration_loss(model, diffusion, calib)
+    rise = []
+    for i in range(depth):
+        rise.append(calibration_loss(model, diffusion, calib, kept=[j for j in range(depth) if j != i]) - base)
+        if progress is not None:
+            progress.update(1)
+    return keep_top(rise, k), {"loss_without_layer": [base + r for r in rise], "full_model_loss": base}
+
+
+def oracle(depth, k):
+    """BK-SDM's hand pattern, as the paper's 'uniform' baseline: first half keeps the first of each pair,
+    second half the last of each pair (28 -> 14: 0, 2, ..., 12, 15, 17, ..., 27)."""
+    if depth % 4 or k * 2 != depth:
+        raise UserError(f"--method oracle halves a depth divisible by 4 (got depth {depth}, target {k})")
+    half = depth // 2
+    return list(range(0, half, 2)) + list(range(half + 1, depth, 2))
+
+
+def random_mask(depth, k, seed):
+    g = np.random.default_rng(seed)
+    return sorted(int(i) for i in g.choice(depth, size=k, replace=False))
+
+
+def random_search(model, diffusion, calib, depth, k, candidates, seed, progress=None):
+    """Score `candidates` random k-of-depth masks; return the min-, median- and max-loss ones."""
+    g = np.random.default_rng(seed)
+    seen, scored = set(), []
+    from math import comb
+
+    total = min(candidates, comb(depth, k))
+    while len(scored) < total:
+        kept = tuple(sorted(int(i) for i in g.choice(depth, size=k, replace=False)))
+        if kept in seen:
+            continue
+        seen.add(kept)
+        scored.append((calibration_loss(model, diffusion, calib, kept=list(kept)), list(kept)))
+        if progress is not None:
+            progress.update(1)
+    scored.sort()
+    picks = {"min": scored[0], "median": scored[len(scored) // 2], "max": scored[-1]}
+    return picks, [s for s, _ in scored]
