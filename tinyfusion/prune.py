@@ -175,6 +175,7 @@ def main(argv=None):
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
     if rank == 0:
         writable_file(os.path.join(args.out, "log.txt"))
+    torch.manual_seed(args.seed)  # LoRA initialization: the same on every rank and in every run
     source = checkpoint.load(args.ckpt)
     depth = source.config.depth
     groups = parse_groups(args.groups, depth) if args.groups else parse_scheme(args.scheme, depth)

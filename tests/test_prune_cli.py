@@ -1,0 +1,136 @@
+"""`python -m tinyfusion.prune` end to end on a tiny digits model: artifacts, baselines, DDP, resume, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import tinyfusion
+from tinyfusion.prune import main as prune_main
+
+from conftest import ROOT, assert_one_line_error, run_main, run_module, tiny_dit
+
+FAST = ["--global-batch-size", "16", "--calib-samples", "32", "--log-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    tinyfusion.save(tiny_dit(in_channels=1, num_classes=10, depth=4, hidden_size=32, num_heads=2), str(path))
+    return str(path)
+
+
+def decision(out):
+    return json.loads(open(os.path.join(out, "decision.json")).read())
+
+
+def test_learnable_artifacts(tmp_path, capsys, tiny_teacher):
+    out = str(tmp_path / "run")
+    code, stdout, err = run_main(prune_main, ["--ckpt", tiny_teacher, *FAST, "--steps", "10", "--out", out], capsys)
+    assert code == 0, err
+    d = decision(out)
+    assert d["method"] == "learnable" and d["scheme"] == "1:2" and d["source_depth"] == 4 and len(d["kept"]) == 2
+    assert d["kept"][0] in (0, 1) and d["kept"][1] in (2, 3)  # one per 1:2 block
+    assert len(d["history"]) == 2 and len(d["history"][-1]["probs"]) == 2 and math_ok(d["calibration_loss"])
+    pruned = tinyfusion.load(os.path.join(out, "pruned.safetensors"))
+    assert pruned.config.depth == 2 and pruned.provenance["kept"] == d["kept"] and pruned.provenance["method"] == "learnable"
+    assert os.path.getsize(os.path.join(out, "decisions.png")) > 1000
+    assert f"kept 2/4 layers {d['kept']}" in stdout and "calibration loss" in stdout
+
+
+def math_ok(v):
+    return v == v and 0 < v < 100
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("bi", []), ("fluxlite", []), ("sensitivity", []), ("oracle", []), ("random", []), ("first", []), ("last", []),
+    ("indices", ["--kept", "[3,1]"]), ("random-search", ["--candidates", "4"]),
+])
+def test_baselines(tmp_path, capsys, tiny_teacher, method, extra):
+    out = str(tmp_path / method)
+    code, stdout, err = run_main(prune_main, ["--ckpt", tiny_teacher, *FAST, "--method", method, *extra, "--out", out], capsys)
+    assert code == 0, err
+    d = decision(out)
+    want = {"first": [0, 1], "last": [2, 3], "indices": [1, 3], "oracle": [0, 3]}.get(method)
+    assert len(d["kept"]) == 2 and (want is None or d["kept"] == want)
+    assert tinyfusion.load(os.path.join(out, "pruned.safetensors")).config.depth == 2
+    if method == "random-search":
+        picks = d["picks"]
+        assert picks["min"]["calibration_loss"] <= picks["median"]["calibration_loss"] <= picks["max"]["calibration_loss"]
+        assert d["calibration_loss"] == pytest.approx(picks["min"]["calibration_loss"], rel=1e-6)
+        assert os.path.exists(os.path.join(out, "pruned-max.safetensors"))
+
+
+def test_two_gloo_ranks_same_decision_as_one(tmp_path, tiny_teacher):
+    args = ["--ckpt", tiny_teacher, *FAST, "--steps", "12", "--seed", "5"]
+    one = run_module(["-m", "tinyfusion.prune", *args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m", "tinyfusion.prune",
+                      *args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = decision(tmp_path / "one"), decision(tmp_path / "two")
+    assert a["kept"] == b["kept"]
+    for pa, pb in zip(a["history"], b["history"]):
+        assert pa["choice"] == pb["choice"]
+        assert pa["loss"] == pytest.approx(pb["loss"], rel=1e-5)  # float summation order differs across ranks
+
+
+def test_kill_and_resume_gives_the_same_decision(tmp_path, tiny_teacher):
+    args = ["--ckpt", tiny_teacher, *FAST, "--steps", "40", "--ckpt-every", "10", "--seed", "2"]
+    ref = run_module(["-m", "tinyfusion.prune", *args, "--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "tinyfusion.prune", *args, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    state = out / "search_state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (out / "decision.json").exists()
+    resumed = run_module(["-m", "tinyfusion.prune", *args, "--out", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming the search at step" in resumed.stdout
+    a, b = decision(tmp_path / "ref"), decision(out)
+    assert a["kept"] == b["kept"] and a["history"] == b["history"]
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--scheme", "3:2"], "must not exceed"),
+    (["--scheme", "0:2"], "positive"),
+    (["--scheme", "1:3"], "does not divide"),
+    (["--groups", "[[1,2]]"], "sum to 2, the depth is 4"),
+    (["--method", "indices", "--kept", "[0,9]"], "outside 0..3"),
+    (["--method", "indices", "--kept", "[1,1]"], "duplicates"),
+    (["--method", "first", "--target-depth", "4"], "not below the model's depth"),
+    (["--method", "oracle", "--target-depth", "3"], "halves"),
+    (["--tau-range", "4", "0"], "must be positive"),
+    (["--scaling", "-1"], "must be positive"),
+    (["--lr", "0"], "must be positive"),
+    (["--method", "magic"], "unknown --method"),
+    (["--data-path", "/nonexistent/latents"], "does not exist"),
+    (["--resume"], "needs --out"),
+])
+def test_bad_input(tmp_path, capsys, tiny_teacher, argv, fragment):
+    out = tmp_path / "o"
+    code, _, err = run_main(prune_main, ["--ckpt", tiny_teacher, *FAST, "--steps", "2", *argv] + (["--out", str(out)] if "--resume" not in argv else []), capsys)
+    assert_one_line_error(code, err, fragment)
+    assert not (out / "pruned.safetensors").exists() and not (out / "decision.json").exists()
+
+
+def test_teacher_that_is_not_a_dit(tmp_path, capsys):
+    torch.save({"conv.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pt")
+    code, _, err = run_main(prune_main, ["--ckpt", str(tmp_path / "resnet.pt"), "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "not a DiT checkpoint")
+
+
+def test_empty_latent_folder(tmp_path, capsys, tiny_teacher):
+    (tmp_path / "lat" / "x_features").mkdir(parents=True)
+    (tmp_path / "lat" / "x_labels").mkdir()
+    code, _, err = run_main(prune_main, ["--ckpt", tiny_teacher, "--data-path", str(tmp_path / "lat"), "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "no .npy files")

@@ -1,0 +1,174 @@
+"""Pruning internals: candidate masks, Gumbel gates, LoRA, surgery, the learnable search, baselines."""
+import math
+
+import pytest
+import torch
+
+from tinyfusion.diffusion import create_diffusion
+from tinyfusion.errors import UserError
+from tinyfusion.pruning import baselines
+from tinyfusion.pruning.calibration import CalibrationSet, calibration_loss
+from tinyfusion.pruning.gates import MaskGates
+from tinyfusion.pruning.learnable import LearnableSearch, SearchConfig
+from tinyfusion.pruning.lora import LoRALinear, apply_lora, merge_lora
+from tinyfusion.pruning.masks import candidate_masks, kept_from_choices, parse_groups, parse_scheme, validate_kept
+from tinyfusion.pruning.surgery import fixed_mask, masked_forward, prune_model
+
+from conftest import inputs, tiny_dit
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (3, 6), (7, 14), (6, 12), (3, 4), (4, 4)])
+def test_candidate_enumeration(n, m):
+    c = candidate_masks(n, m)
+    assert c.shape == (math.comb(m, n), m)
+    assert torch.all(c.sum(1) == n) and set(c.unique().tolist()) <= {0.0, 1.0}
+    assert len({tuple(r.tolist()) for r in c}) == len(c)  # all distinct
+
+
+def test_candidate_order_matches_paper_example():
+    assert candidate_masks(2, 3).tolist() == [[1, 1, 0], [1, 0, 1], [0, 1, 1]]
+
+
+def test_schemes_and_groups():
+    assert parse_scheme("1:2", 12) == [[1, 2]] * 6
+    assert parse_scheme("7:14", 28) == [[7, 14]] * 2
+    groups = parse_groups("[[3,4],[3,4],[3,4],[3,4],[3,4],[2,4],[2,4]]", 28)
+    assert sum(n for n, _ in groups) == 19
+    assert kept_from_choices([[1, 2], [2, 4]], [1, 5]) == [1, 4, 5]
+
+
+@pytest.mark.parametrize("text,depth,fragment", [
+    ("3:2", 12, "must not exceed"), ("0:2", 12, "positive"), ("1:5", 12, "does not divide"), ("12", 12, "N:M"),
+])
+def test_bad_schemes(text, depth, fragment):
+    with pytest.raises(UserError, match=fragment):
+        parse_scheme(text, depth)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("[[1,2],[1,2]]", "sum to 4"), ("[[3,2]]", "keeps more"), ("[[0,12]]", "positive"), ("nope", "JSON"), ("[]", "empty"),
+])
+def test_bad_groups(text, fragment):
+    with pytest.raises(UserError, match=fragment):
+        parse_groups(text, 12)
+
+
+def test_validate_kept():
+    assert validate_kept([4, 0, 2], 6) == [0, 2, 4]
+    with pytest.raises(UserError, match="outside"):
+        validate_kept([0, 6], 6)
+    with pytest.raises(UserError, match="duplicates"):
+        validate_kept([1, 1], 6)
+
+
+def test_gate_masks_are_hard_one_candidate_per_block_and_carry_gradients():
+    groups = [[1, 2], [2, 4], [2, 3]]
+    gates = MaskGates(groups)
+    g = torch.Generator().manual_seed(0)
+    uniforms = [torch.rand(5, len(l), generator=g) for l in gates.logits]
+    mask = gates.sample(uniforms, tau=1.0, scale=100.0)
+    assert mask.shape == (5, 9) and set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+    assert mask[:, :2].sum(1).tolist() == [1] * 5 and mask[:, 2:6].sum(1).tolist() == [2] * 5
+    (mask * torch.arange(9.0)).sum().backward()
+    assert all(l.grad is not None and l.grad.abs().sum() > 0 for l in gates.logits)
+    # per-sample draws: different samples can pick different candidates
+    big = gates.sample([torch.rand(64, len(l), generator=g) for l in gates.logits], 1.0, 100.0)
+    assert len({tuple(r.tolist()) for r in big.detach()}) > 1
+
+
+def test_lora_starts_as_identity_trains_and_merges():
+    m = tiny_dit()
+    x, t, y = inputs(m.config)
+    ref = m(x, t, y)
+    lora = apply_lora(m.blocks, rank=4)
+    assert all(isinstance(l, LoRALinear) for l in [m.blocks[0].attn.qkv, m.blocks[0].mlp.fc2, m.blocks[0].adaLN_modulation[1]])
+    torch.testing.assert_close(m(x, t, y), ref)
+    out = m(x, t, y)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in lora) and m.blocks[0].attn.qkv.weight.grad is None
+    with torch.no_grad():
+        for p in lora:
+            p.add_(torch.randn_like(p) * 0.05)
+    changed = m(x, t, y)
+    merge_lora(m)
+    assert not any(isinstance(mod, LoRALinear) for mod in m.modules())
+    torch.testing.assert_close(m(x, t, y), changed, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kept", [[0, 2], [1], [0, 1, 2]])
+def test_pruned_model_equals_full_model_with_fixed_mask(kept):
+    m = tiny_dit()
+    x, t, y = inputs(m.config)
+    shallow = prune_model(m, kept)
+    assert shallow.config.depth == len(kept)
+    with torch.no_grad():
+        torch.testing.assert_close(shallow(x, t, y), masked_forward(m, x, t, y, fixed_mask(kept, 3, len(x))), atol=1e-6, rtol=1e-6)
+
+
+def digits_setup(depth=4, seed=0):
+    from tinyfusion.data.batches import DigitsBatches
+
+    m = tiny_dit(seed=seed, in_channels=1, num_classes=10, depth=depth, hidden_size=32, num_heads=2)
+    calib = CalibrationSet.from_batches(DigitsBatches(64, 99), 64)
+    return m, create_diffusion(""), calib
+
+
+def search(model, steps=12, seed=0, **kw):
+    from tinyfusion.data.batches import DigitsBatches
+
+    cfg = SearchConfig(groups=[[1, 2], [1, 2]], steps=steps, global_batch_size=16, seed=seed, log_every=4, **kw)
+    return LearnableSearch(model, create_diffusion(""), DigitsBatches(16, seed), cfg)
+
+
+def test_search_gradients_reach_gates_and_lora():
+    m, _, _ = digits_setup()
+    s = search(m)
+    s.train_step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in s.gate_params)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s.weights)
+    assert all("lora_" in n for n, p in s.net.model.named_parameters() if p.requires_grad)
+
+
+def test_search_decision_is_deterministic_under_a_seed():
+    a = search(digits_setup()[0], seed=3)
+    b = search(digits_setup()[0], seed=3)
+    assert a.run(progress=False) == b.run(progress=False)
+    assert a.history == b.history and len(a.history) == 3
+    assert [p["step"] for p in a.history] == [4, 8, 12]
+
+
+@pytest.mark.parametrize("delta_w", ["full", "none"])
+def test_search_weight_update_modes(delta_w):
+    m, _, _ = digits_setup()
+    s = search(m, steps=2, delta_w=delta_w)
+    s.run(progress=False)
+    assert (len(s.weights) > 0) == (delta_w == "full")
+
+
+def test_calibration_loss_matches_pruned_model():
+    m, d, calib = digits_setup()
+    kept = [0, 3]
+    shallow = prune_model(m, kept)
+    assert calibration_loss(m, d, calib, kept=kept) == pytest.approx(calibration_loss(shallow, d, calib), rel=1e-5)
+
+
+def test_score_baselines_keep_the_right_count():
+    m, d, calib = digits_setup(depth=4)
+    for fn in (baselines.block_influence, baselines.fluxlite, baselines.sensitivity):
+        kept, scores = fn(m, d, calib, 2)
+        assert len(kept) == 2 and kept == sorted(kept)
+        values = next(iter(scores.values()))
+        assert len(values) == 4
+    kept, info = baselines.block_influence(m, d, calib, 2)
+    assert kept == baselines.keep_top(info["block_influence"], 2)
+    assert baselines.oracle(12, 6) == [0, 2, 4, 7, 9, 11]
+    assert baselines.oracle(28, 14) == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]
+    assert baselines.random_mask(12, 6, 1) == baselines.random_mask(12, 6, 1)
+
+
+def test_random_search_orders_min_median_max():
+    m, d, calib = digits_setup(depth=4)
+    picks, losses = baselines.random_search(m, d, calib, 4, 2, candidates=100, seed=0)
+    assert len(losses) == 6  # only C(4, 2) distinct masks exist
+    assert picks["min"][0] <= picks["median"][0] <= picks["max"][0]
+    assert picks["min"][0] == pytest.approx(calibration_loss(m, d, calib, kept=picks["min"][1]))
