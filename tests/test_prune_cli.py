@@ -134,3 +134,39 @@ def test_empty_latent_folder(tmp_path, capsys, tiny_teacher):
     (tmp_path / "lat" / "x_labels").mkdir()
     code, _, err = run_main(prune_main, ["--ckpt", tiny_teacher, "--data-path", str(tmp_path / "lat"), "--out", str(tmp_path / "o")], capsys)
     assert_one_line_error(code, err, "no .npy files")
+
+
+def test_learnable_on_a_latent_folder_with_epochs(tmp_path, capsys):
+    """The ImageNet-scale path: a 4-channel latent model, latents in the official layout, --epochs."""
+    import numpy as np
+
+    for sub in ("imagenet64_features", "imagenet64_labels"):
+        (tmp_path / "lat" / sub).mkdir(parents=True)
+    g = np.random.default_rng(0)
+    for i in range(24):
+        np.save(tmp_path / "lat" / "imagenet64_features" / f"{i}.npy", g.normal(size=(2, 4, 8, 8)).astype(np.float32))
+        np.save(tmp_path / "lat" / "imagenet64_labels" / f"{i}.npy", np.array([i % 5]))
+    ckpt = tmp_path / "latent.safetensors"
+    tinyfusion.save(tiny_dit(depth=4), str(ckpt))
+    out = tmp_path / "run"
+    code, stdout, err = run_main(prune_main, ["--ckpt", str(ckpt), "--data-path", str(tmp_path / "lat"), "--epochs", "2",
+                                              "--global-batch-size", "8", "--calib-samples", "16", "--num-workers", "0",
+                                              "--scheme", "2:4", "--out", str(out)], capsys)
+    assert code == 0, err
+    d = decision(out)
+    assert d["steps"] == 6 and len(d["kept"]) == 2 and d["scheme"] == "2:4"
+    assert tinyfusion.load(str(out / "pruned.safetensors")).config.in_channels == 4
+
+
+@pytest.mark.parametrize("keep_update", [False, True])
+def test_saved_weights_are_the_originals_unless_keep_update(tmp_path, capsys, tiny_teacher, keep_update):
+    out = tmp_path / "run"
+    argv = ["--ckpt", tiny_teacher, *FAST, "--steps", "4", "--lr", "1e-2", "--out", str(out)] + (["--keep-update"] if keep_update else [])
+    code, _, err = run_main(prune_main, argv, capsys)
+    assert code == 0, err
+    source = tinyfusion.load(tiny_teacher).state_dict()
+    pruned = tinyfusion.load(str(out / "pruned.safetensors"))
+    kept = pruned.provenance["kept"]
+    same = all(torch.equal(v, source[f"blocks.{kept[int(k.split('.')[1])]}.{k.split('.', 2)[2]}"])
+               for k, v in pruned.state_dict().items() if k.startswith("blocks."))
+    assert same != keep_update and pruned.provenance["keep_update"] == keep_update

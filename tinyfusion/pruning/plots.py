@@ -31,7 +31,7 @@ def plot_decisions(history, groups, kept, path):
     probs = keep_probabilities(history, groups)
     steps = [p["step"] for p in history]
     im = ax.imshow(probs.T, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
-                   extent=[steps[0], steps[-1], -0.5, probs.shape[1] - 0.5])
+                   extent=[0, steps[-1], -0.5, probs.shape[1] - 0.5])
     for start in block_starts(groups)[1:]:
         ax.axhline(start - 0.5, color="white", lw=0.6)
     ax.set_yticks(range(probs.shape[1]))
