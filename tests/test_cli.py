@@ -1,9 +1,7 @@
 """The CLIs end to end on tiny settings, and their bad-input behaviour."""
 import json
-import os
 
 import pytest
-import torch
 
 import tinyfusion
 from tinyfusion.evaluate import main as evaluate_main
@@ -112,3 +110,24 @@ def test_cli_help_runs():
     for mod in ("train", "sample", "evaluate", "convert", "extract_features", "train_classifier"):
         res = run_module(["-m", f"tinyfusion.{mod}", "--help"])
         assert res.returncode == 0 and "usage:" in res.stdout, mod
+
+
+def test_train_on_a_latent_folder(tmp_path, capsys):
+    """The generic path: a named DiT on latents in the official layout (here DiT-S/2 at depth 1, 64px)."""
+    import numpy as np
+
+    for sub in ("imagenet64_features", "imagenet64_labels"):
+        (tmp_path / "lat" / sub).mkdir(parents=True)
+    g = np.random.default_rng(0)
+    for i in range(8):
+        np.save(tmp_path / "lat" / "imagenet64_features" / f"{i}.npy", g.normal(size=(2, 4, 8, 8)).astype(np.float32))
+        np.save(tmp_path / "lat" / "imagenet64_labels" / f"{i}.npy", np.array([i % 3]))
+    argv = ["--model", "DiT-S/2", "--depth", "1", "--data-path", str(tmp_path / "lat"), "--image-size", "64",
+            "--num-classes", "3", "--steps", "3", "--global-batch-size", "4", "--num-workers", "0",
+            "--results-dir", str(tmp_path), "--name", "lat"]
+    code, _, err = run_main(train_main, argv, capsys)
+    assert code == 0, err
+    m = tinyfusion.load(str(tmp_path / "lat" / "model.safetensors"))
+    assert (m.config.hidden_size, m.config.depth, m.config.input_size, m.config.num_classes) == (384, 1, 8, 3)
+    code, _, err = run_main(train_main, [*argv[:-4], "--image-size", "128", "--results-dir", str(tmp_path), "--name", "bad"], capsys)
+    assert_one_line_error(code, err, "latents are (4, 8, 8), the model expects (4, 16, 16)")

@@ -1,5 +1,4 @@
 """Metric code against independent computations, and the shipped digits feature net."""
-import itertools
 import json
 
 import numpy as np

@@ -10,8 +10,7 @@ exactly.
 """
 import json
 import math
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -44,7 +43,6 @@ class SearchConfig:
     log_every: int = 10
     ckpt_every: int = 100
     max_bad_steps: int = 20
-    extra: dict = field(default_factory=dict)
 
     def tau(self, step):
         t0, t1 = self.tau_range
@@ -119,7 +117,7 @@ class LearnableSearch:
     def load_state_dict(self, s):
         saved = json.loads(s["config"])
         mine = json.loads(json.dumps(asdict(self.cfg), default=list))
-        diff = [k for k in mine if k not in ("steps", "log_every", "ckpt_every", "extra") and saved.get(k) != mine[k]]
+        diff = [k for k in mine if k not in ("steps", "log_every", "ckpt_every") and saved.get(k) != mine[k]]
         if diff:
             raise UserError(f"--resume: the saved search used different settings ({', '.join(diff)})")
         with torch.no_grad():
