@@ -23,6 +23,7 @@ import time
 import torch
 
 from . import checkpoint
+from .data.batches import make_batches
 from .diffusion import create_diffusion
 from .distributed import cleanup, setup
 from .errors import Parser, UserError, cli, positive, writable_file
@@ -85,23 +86,12 @@ def parse_args(argv):
     return args
 
 
-def make_data(args, cfg, rank, world, seed, global_batch):
-    from .data.batches import DigitsBatches, LatentBatches
-
-    if args.data_path:
-        return LatentBatches(args.data_path, global_batch // world, seed, rank, world, cfg.num_classes,
-                             args.num_workers, (cfg.in_channels, cfg.input_size, cfg.input_size))
-    if (cfg.in_channels, cfg.input_size, cfg.num_classes) != (1, 8, 10):
-        raise UserError(f"{args.ckpt} is not a digits model; give --data-path with latents for it")
-    return DigitsBatches(global_batch, seed, rank, world)
-
-
 def params(model):
     return sum(p.numel() for p in model.parameters())
 
 
 def run_learnable(args, model, groups, diffusion, rank, world, device, log):
-    data = make_data(args, model.config, rank, world, args.seed, args.global_batch_size)
+    data = make_batches(model.config, args.data_path, args.global_batch_size, args.seed, rank, world, args.num_workers)
     steps = args.steps
     if args.epochs:
         n = len(data.loader.dataset) if hasattr(data, "loader") else len(data.x)
@@ -182,7 +172,7 @@ def main(argv=None):
     diffusion = create_diffusion(learn_sigma=source.config.learn_sigma)
     log = RunLog(args.out, enabled=rank == 0)
     log.write("command: " + " ".join(["python -m tinyfusion.prune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
-    calib_data = make_data(args, source.config, 0, 1, args.seed + 7919, args.calib_samples)
+    calib_data = make_batches(source.config, args.data_path, args.calib_samples, args.seed + 7919, num_workers=args.num_workers)
     calib = CalibrationSet.from_batches(calib_data, args.calib_samples, seed=args.seed)
     source = source.to(device)
 

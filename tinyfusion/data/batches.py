@@ -60,3 +60,14 @@ class LatentBatches:
 
     def load_state(self, state):
         self.epoch, self.it = int(state[0]), None  # resumes at the start of the saved epoch
+
+
+def make_batches(model_config, data_path=None, global_batch=128, seed=0, rank=0, world=1, num_workers=2):
+    """Digits batches for a digits model, latent-folder batches when data_path is given."""
+    c = model_config
+    if data_path:
+        return LatentBatches(data_path, global_batch // world, seed, rank, world, c.num_classes, num_workers,
+                             (c.in_channels, c.input_size, c.input_size))
+    if (c.in_channels, c.input_size, c.num_classes) != (1, 8, 10):
+        raise UserError("the model is not a digits model (1 channel, 8x8, 10 classes); give --data-path with latents for it")
+    return DigitsBatches(global_batch, seed, rank, world)

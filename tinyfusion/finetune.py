@@ -1,0 +1,171 @@
+"""Recover a pruned DiT: `python -m tinyfusion.finetune --ckpt runs/.../pruned.safetensors`.
+
+  --kd masked   (default) 0.9 * output KD + 0.1 * diffusion loss + beta * masked hidden-state KD,
+                beta decaying 1e-2 -> 0, hidden states masked where |h - mean| >= 2 std per sample
+  --kd logits   output KD + diffusion loss, no hidden-state term
+  --kd none     plain fine-tuning with the diffusion loss
+
+The teacher defaults to the source model named in the pruned checkpoint; each student layer is matched
+to the output of its teacher block, derived from the decision's N:M or mixed groups. Writes to --out
+(default: <pruned folder>/recover-<kd>/): recovered.safetensors (EMA weights), metrics.json (loss
+curve and a final evaluation), loss.png, log.txt, finetune_state.pt (`--resume` continues a killed run).
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+from . import checkpoint
+from .data.batches import make_batches
+from .diffusion import create_diffusion
+from .distributed import cleanup, setup
+from .errors import Parser, UserError, cli, positive, writable_file
+from .recovery.finetune import FinetuneConfig, Recovery
+from .recovery.kd import KDWeights, alignment
+from .runlog import RunLog, plot_curve
+
+
+def parse_args(argv):
+    p = Parser(prog="python -m tinyfusion.finetune", description=__doc__)
+    p.add_argument("--ckpt", required=True, help="pruned checkpoint written by tinyfusion.prune")
+    p.add_argument("--teacher", help="teacher checkpoint (default: the source named in the pruned checkpoint)")
+    p.add_argument("--kd", choices=["masked", "logits", "none"], default="masked")
+    o = p.add_argument_group("optimization (paper defaults)")
+    o.add_argument("--steps", type=positive(), default=1000)
+    o.add_argument("--global-batch-size", type=positive(), default=128)
+    o.add_argument("--lr", type=positive(float), default=2e-4)
+    o.add_argument("--lr-min", type=float, default=1e-4, help="end of the per-step cosine schedule")
+    o.add_argument("--grad-clip", type=positive(float), default=1.0)
+    o.add_argument("--ema-decay", type=positive(float), default=0.9999)
+    o.add_argument("--no-ema-warmup", action="store_true",
+                   help="use the EMA decay from step 0 (default warms it up as min(decay, (1+t)/(10+t)))")
+    k = p.add_argument_group("distillation weights")
+    k.add_argument("--alpha-kd", type=float, default=0.9, help="output KD weight")
+    k.add_argument("--alpha-gt", type=float, default=0.1, help="diffusion-loss weight")
+    k.add_argument("--beta", type=float, nargs=2, default=[1e-2, 0.0], metavar=("START", "END"),
+                   help="hidden-state KD weight, linear over training")
+    k.add_argument("--mask-k", type=positive(float), default=2.0, help="mask hidden values beyond k std")
+    d = p.add_argument_group("data and run")
+    d.add_argument("--data-path", help="latent folder; default: the digits set")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", help="run folder (default: <pruned folder>/recover-<kd>)")
+    d.add_argument("--resume", action="store_true")
+    d.add_argument("--ckpt-every", type=positive(), default=250)
+    d.add_argument("--log-every", type=positive(), default=25)
+    d.add_argument("--snapshot-steps", default="", help="comma-separated steps at which to also save EMA weights")
+    d.add_argument("--eval-samples", type=int, default=1000, help="digits evaluation at the end (0 skips)")
+    d.add_argument("--max-bad-steps", type=positive(), default=20, help="abort after this many non-finite losses in a row")
+    d.add_argument("--num-workers", type=int, default=2)
+    args = p.parse_args(argv)
+    if not 0 < args.ema_decay < 1:
+        raise UserError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
+    try:
+        args.snapshots = sorted({int(s) for s in args.snapshot_steps.split(",") if s.strip()})
+    except ValueError:
+        raise UserError(f"--snapshot-steps must be comma-separated integers, got {args.snapshot_steps!r}") from None
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"recover-{args.kd}")
+    return args
+
+
+def resolve_teacher(args, info):
+    from .assets import TEACHER_PATH
+
+    path = args.teacher or info.get("source")
+    if not path:
+        raise UserError(f"{args.ckpt} names no source model; give --teacher")
+    if not os.path.exists(path) and os.path.basename(path) == os.path.basename(TEACHER_PATH):
+        path = TEACHER_PATH  # pruned on another machine from the shipped teacher
+    return path
+
+
+def check_lineage(args, student, teacher, info):
+    """The student must be the teacher's blocks: same width and geometry, kept indices inside its depth."""
+    kept, source_depth = info.get("kept"), info.get("source_depth")
+    if kept is None or source_depth is None:
+        raise UserError(f"{args.ckpt} is not a pruned checkpoint (no kept indices in its metadata)")
+    decision_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "decision.json")
+    if os.path.isfile(decision_path):
+        with open(decision_path) as f:
+            decision = json.load(f)
+        if decision.get("kept") != kept and "pick" not in info:
+            raise UserError(f"{decision_path} keeps {decision.get('kept')} but {args.ckpt} holds {kept}")
+    if len(kept) != student.config.depth:
+        raise UserError(f"{args.ckpt}: metadata keeps {len(kept)} layers but the weights have {student.config.depth}")
+    s, t = student.config, teacher.config
+    for field in ("hidden_size", "patch_size", "in_channels", "input_size", "num_classes"):
+        if getattr(s, field) != getattr(t, field):
+            raise UserError(f"student and teacher cannot align: {field} {getattr(s, field)} vs {getattr(t, field)}")
+    if source_depth != t.depth or max(kept) >= t.depth:
+        raise UserError(f"student was pruned from a depth-{source_depth} model; the teacher has depth {t.depth}")
+    groups = info.get("groups") or [[1, 2]] * (t.depth // 2)
+    try:
+        return alignment(groups, kept)
+    except ValueError as e:
+        raise UserError(f"student and teacher cannot align: {e}") from None
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup()
+    if args.global_batch_size % world:
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
+    if rank == 0:
+        writable_file(os.path.join(args.out, "log.txt"))
+    torch.manual_seed(args.seed)
+    student = checkpoint.load(args.ckpt)
+    info = student.provenance
+    teacher = None
+    pairs = []
+    if args.kd != "none" or info.get("kept") is not None:
+        teacher = checkpoint.load(resolve_teacher(args, info))
+        pairs = check_lineage(args, student, teacher, info)
+    if args.kd == "none":
+        teacher = None
+    data = make_batches(student.config, args.data_path, args.global_batch_size, args.seed, rank, world, args.num_workers)
+    cfg = FinetuneConfig(steps=args.steps, global_batch_size=args.global_batch_size, lr=args.lr, lr_min=args.lr_min,
+                         grad_clip=args.grad_clip, ema_decay=args.ema_decay, ema_warmup=not args.no_ema_warmup,
+                         kd=args.kd, weights=KDWeights(args.alpha_kd, args.alpha_gt, args.beta[0], args.beta[1], args.mask_k),
+                         seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
+                         max_bad_steps=args.max_bad_steps)
+    diffusion = create_diffusion(learn_sigma=student.config.learn_sigma)
+    rec = Recovery(student, teacher, pairs, diffusion, data, cfg, rank, world, device)
+    log = RunLog(args.out, enabled=rank == 0)
+    log.write("command: " + " ".join(["python -m tinyfusion.finetune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
+    state_path = os.path.join(args.out, "finetune_state.pt")
+    if args.resume:
+        if not os.path.isfile(state_path):
+            raise UserError(f"--resume: no state at {state_path}")
+        rec.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
+        log.write(f"resuming at step {rec.step} of {args.steps}")
+    provenance = {k: v for k, v in info.items() if k != "config"}
+    provenance.update(recovered_from=os.path.abspath(args.ckpt), kd=args.kd, teacher=getattr(teacher, "provenance", {}).get("source"))
+
+    def snapshot(ema, step):
+        checkpoint.save(ema, os.path.join(args.out, f"recovered-step{step}.safetensors"), **provenance, recovery_steps=step)
+
+    t0 = time.time()
+    ema = rec.run(state_path, snapshot, args.snapshots)
+    if rank == 0:
+        wall = time.time() - t0
+        checkpoint.save(ema, os.path.join(args.out, "recovered.safetensors"), **provenance, recovery_steps=args.steps)
+        metrics = {"kd": args.kd, "steps": args.steps, "skipped_steps": rec.skipped, "wall_seconds_this_run": round(wall, 1),
+                   "alignment": pairs, "loss_curve": rec.curve}
+        plot_curve([(p["step"], p["loss"]) for p in rec.curve], os.path.join(args.out, "loss.png"), f"recovery loss ({args.kd})")
+        c = ema.config
+        if args.eval_samples > 0 and (c.in_channels, c.input_size, c.num_classes) == (1, 8, 10):
+            from .evaluate import evaluate
+            from .sampler_args import DEFAULT_SETTINGS
+
+            metrics["evaluation"] = evaluate(ema, args.eval_samples, DEFAULT_SETTINGS)
+            m = metrics["evaluation"]
+            log.write(f"digits-FID {m['digits_fid']:.3f} (floor {m['real_floor_fid']:.3f}), class accuracy {m['class_accuracy']:.4f}")
+        log.metrics(metrics)
+        log.write(f"recovered {c.depth}-layer model ({args.kd}, {args.steps} steps, {wall:.0f}s): {args.out}/recovered.safetensors")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()

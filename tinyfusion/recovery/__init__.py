@@ -1,0 +1,1 @@
+"""Recovery of pruned models: fine-tuning and Masked knowledge distillation."""
