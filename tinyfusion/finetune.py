@@ -99,11 +99,7 @@ def check_lineage(args, student, teacher, info):
             raise UserError(f"student and teacher cannot align: {field} {getattr(s, field)} vs {getattr(t, field)}")
     if source_depth != t.depth or max(kept) >= t.depth:
         raise UserError(f"student was pruned from a depth-{source_depth} model; the teacher has depth {t.depth}")
-    groups = info.get("groups") or [[1, 2]] * (t.depth // 2)
-    try:
-        return alignment(groups, kept)
-    except ValueError as e:
-        raise UserError(f"student and teacher cannot align: {e}") from None
+    return alignment(info.get("groups") or [[t.depth, t.depth]], kept)
 
 
 @cli

@@ -27,13 +27,18 @@ class KDWeights:
 
 
 def alignment(groups, kept):
-    """(student layer, teacher layer) pairs: the last kept layer of each local block is matched to the output
-    of that block's last teacher layer. Works for any N:M or mixed groups."""
+    """(student layer, teacher layer) pairs whose hidden states are matched.
+
+    When the kept layers follow the N:M blocks (the learnable search), the last kept layer of each block
+    is matched to the output of the block's last teacher layer, as the official code does for any N:M or
+    mixed groups. Masks that ignore the blocks (score baselines) match each student layer to the teacher
+    output just before the next kept layer: the span of teacher layers it replaces.
+    """
     pairs, student = [], 0
     for (n, m), start in zip(groups, block_starts(groups)):
         inside = [k for k in kept if start <= k < start + m]
         if len(inside) != n:
-            raise ValueError(f"block at layers {start}..{start + m - 1} keeps {len(inside)} layers, the decision says {n}")
+            return [(j, (kept[j + 1] - 1) if j + 1 < len(kept) else sum(m for _, m in groups) - 1) for j in range(len(kept))]
         student += n
         pairs.append((student - 1, start + m - 1))
     return pairs
