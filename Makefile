@@ -17,12 +17,15 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 # The main job on the embedded default: a sample grid from the shipped digits teacher and its metrics,
-# then TinyFusion's learnable depth pruning of that teacher, 12 -> 6 layers (scheme 1:2).
+# TinyFusion's learnable depth pruning of that teacher (12 -> 6 layers, scheme 1:2), a short Masked-KD
+# recovery with its evaluation, and the teacher-versus-pruned table.
 demo: $(STAMP)
 	$(PY) -m tinyfusion.sample --out runs/demo/grid.png
 	$(PY) -m tinyfusion.evaluate --json runs/demo/metrics.json
 	rm -rf runs/demo/prune
 	$(PY) -m tinyfusion.prune --out runs/demo/prune
+	$(PY) -m tinyfusion.finetune --ckpt runs/demo/prune/pruned.safetensors --kd masked --steps 500 --out runs/demo/recover
+	$(PY) -m tinyfusion.compare teacher=runs/demo/metrics.json pruned+KD500=runs/demo/recover/metrics.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -6,6 +6,7 @@ random half splits of the real set), and k-NN precision/recall. With no --ckpt i
 shipped teacher.
 """
 import json
+import time
 
 from . import checkpoint
 from .errors import Parser, UserError, cli, positive, writable_file
@@ -22,9 +23,12 @@ def require_digits_model(model, path):
 
 def evaluate(model, num_samples, settings, batch_size=500, splits=20):
     labels = balanced_labels(num_samples, model.config.num_classes)
+    start = time.perf_counter()
     images = sample_batched(model, labels, settings, batch_size, desc="evaluate")
+    seconds = time.perf_counter() - start
     metrics = digits_metrics(images, labels, splits=splits)
-    metrics["sampler"] = settings
+    metrics.update(sampler=settings, depth=model.config.depth, params=sum(p.numel() for p in model.parameters()),
+                   sampling_seconds_per_image=seconds / num_samples)
     return metrics
 
 
