@@ -103,7 +103,7 @@ def evaluate_file(ckpt, out_json, samples):
         return json.load(f)
 
 
-def run_unit(args, teacher, name, prune_args, kd, seed, pruned_cache):
+def run_unit(args, teacher, name, prune_args, kd, seed, pruned_cache, finished):
     """Prune (shared between rows that differ only in recovery), recover, evaluate short and long."""
     from tinyfusion.finetune import main as finetune_main
     from tinyfusion.prune import main as prune_main
@@ -122,6 +122,9 @@ def run_unit(args, teacher, name, prune_args, kd, seed, pruned_cache):
         ckpt = os.path.join(prune_dir, "pruned-median.safetensors")
         calib = decision["picks"]["median"]["calibration_loss"]
     kept = tinyfusion_kept(ckpt)
+    for done in finished.values():  # the same mask, recovery and seed recover identically: reuse, don't rerun
+        if done["kept"] == kept and done["recovery"] == kd and done["seed"] == seed:
+            return {**done, "method": name, "calibration_loss": calib, "reused_from": done["method"]}
     rec_dir = os.path.join(args.work, "recover", name, f"seed{seed}")
     call(finetune_main, ["--ckpt", ckpt, "--teacher", teacher, "--kd", kd, "--steps", str(args.long), "--global-batch-size",
                          str(args.batch), "--seed", str(seed), "--snapshot-steps", str(args.short), "--eval-samples", "0",
@@ -265,7 +268,7 @@ def main(argv=None):
             if key in results["units"]:
                 continue
             print(f"== {key}", flush=True)
-            results["units"][key] = run_unit(args, teacher, name, prune_args, kd, seed, pruned_cache)
+            results["units"][key] = run_unit(args, teacher, name, prune_args, kd, seed, pruned_cache, results["units"])
             results["wall_s"] = time.time() - t0
             save_results(args.results, results, args)
     for i in range(args.random_masks):

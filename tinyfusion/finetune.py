@@ -113,10 +113,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     student = checkpoint.load(args.ckpt)
     info = student.provenance
-    teacher = None
-    pairs = []
-    if args.kd != "none" or info.get("kept") is not None:
-        teacher = checkpoint.load(resolve_teacher(args, info))
+    teacher, pairs = None, []
+    teacher_path = resolve_teacher(args, info) if args.kd != "none" or args.teacher else None
+    if teacher_path is None and info.get("source") and os.path.exists(info["source"]):
+        teacher_path = info["source"]  # plain fine-tuning needs no teacher, but checks lineage when it can
+    if teacher_path is not None:
+        teacher = checkpoint.load(teacher_path)
         pairs = check_lineage(args, student, teacher, info)
     if args.kd == "none":
         teacher = None
