@@ -20,8 +20,8 @@ import torch
 from . import checkpoint
 from .data.batches import make_batches
 from .diffusion import create_diffusion
-from .distributed import cleanup, setup
-from .errors import Parser, UserError, cli, positive, writable_file
+from .distributed import cleanup, setup_run
+from .errors import Parser, UserError, cli, positive
 from .recovery.finetune import FinetuneConfig, Recovery
 from .recovery.kd import KDWeights, alignment
 from .runlog import RunLog, plot_curve
@@ -105,11 +105,7 @@ def check_lineage(args, student, teacher, info):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup()
-    if args.global_batch_size % world:
-        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
-    if rank == 0:
-        writable_file(os.path.join(args.out, "log.txt"))
+    rank, world, device = setup_run(args.global_batch_size, args.out)
     torch.manual_seed(args.seed)
     student = checkpoint.load(args.ckpt)
     info = student.provenance

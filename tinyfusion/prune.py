@@ -25,8 +25,8 @@ import torch
 from . import checkpoint
 from .data.batches import make_batches
 from .diffusion import create_diffusion
-from .distributed import cleanup, setup
-from .errors import Parser, UserError, cli, positive, writable_file
+from .distributed import cleanup, setup_run
+from .errors import Parser, UserError, cli, positive
 from .pruning import baselines
 from .pruning.calibration import CalibrationSet, calibration_loss
 from .pruning.learnable import LearnableSearch, SearchConfig
@@ -160,11 +160,7 @@ def run_baseline(args, model, groups, diffusion, calib, log):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup()
-    if args.global_batch_size % world:
-        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
-    if rank == 0:
-        writable_file(os.path.join(args.out, "log.txt"))
+    rank, world, device = setup_run(args.global_batch_size, args.out)
     torch.manual_seed(args.seed)  # LoRA initialization: the same on every rank and in every run
     source = checkpoint.load(args.ckpt)
     depth = source.config.depth

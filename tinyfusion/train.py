@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .diffusion import create_diffusion
-from .distributed import cleanup, setup
-from .errors import Parser, UserError, cli, positive, writable_file
+from .distributed import cleanup, setup_run
+from .errors import Parser, UserError, cli, positive
 from .models import DiT, DiTConfig, config_from_name
 from .data.batches import DigitsBatches, LatentBatches
 from .runlog import RunLog, plot_curve
@@ -82,12 +82,8 @@ def update_ema(ema, model, decay):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup()
-    if args.global_batch_size % world:
-        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by {world} ranks")
     run_dir = os.path.join(args.results_dir, args.name)
-    if rank == 0:
-        writable_file(os.path.join(run_dir, "log.txt"))
+    rank, world, device = setup_run(args.global_batch_size, run_dir)
     state_path = os.path.join(run_dir, "checkpoints", "last.pt")
     if args.resume and not os.path.isfile(state_path):
         raise UserError(f"--resume: no checkpoint at {state_path}")
