@@ -4,6 +4,15 @@ import torch
 from ..errors import UserError
 
 
+def draw_step_noise(gen, global_batch, part, shape, num_timesteps, dropout):
+    """Timesteps, noise and label-dropout flags for the whole global batch from one generator, sliced to
+    this rank's part, so K ranks (and resumed runs) see exactly what one uninterrupted process would."""
+    t = torch.randint(0, num_timesteps, (global_batch,), generator=gen)[part]
+    noise = torch.randn((global_batch, *shape), generator=gen)[part]
+    drop = (torch.rand(global_batch, generator=gen) < dropout).long()[part]
+    return t, noise, drop
+
+
 class DigitsBatches:
     """Random batches from the in-memory digits set.
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write
+from ..data.batches import draw_step_noise
 from ..errors import UserError
 from .gates import MaskGates
 from .lora import apply_lora
@@ -138,9 +139,7 @@ class LearnableSearch:
     def draw(self, shape):
         """Global-batch randomness from the shared generator, this rank's slice."""
         g, n = self.gen, self.cfg.global_batch_size
-        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=g)[self.part]
-        noise = torch.randn((n, *shape), generator=g)[self.part]
-        drop = (torch.rand(n, generator=g) < self.cfg.class_dropout_prob).long()[self.part]
+        t, noise, drop = draw_step_noise(g, n, self.part, shape, self.diffusion.num_timesteps, self.cfg.class_dropout_prob)
         uniforms = [torch.rand(n, len(l), generator=g)[self.part] for l in self.gate_params]
         return t, noise, drop, uniforms
 

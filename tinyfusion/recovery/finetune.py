@@ -16,6 +16,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write
+from ..data.batches import draw_step_noise
 from ..errors import UserError
 from .kd import KDWeights, masked_hidden_kd, variance_kd
 
@@ -131,11 +132,8 @@ class Recovery:
         return loss, parts
 
     def draw(self, shape):
-        g, n = self.gen, self.cfg.global_batch_size
-        t = torch.randint(0, self.diffusion.num_timesteps, (n,), generator=g)[self.part]
-        noise = torch.randn((n, *shape), generator=g)[self.part]
-        drop = (torch.rand(n, generator=g) < self.dropout).long()[self.part]
-        return t, noise, drop
+        return draw_step_noise(self.gen, self.cfg.global_batch_size, self.part, shape, self.diffusion.num_timesteps,
+                               self.dropout)
 
     def train_step(self):
         cfg, dev = self.cfg, self.device
