@@ -261,23 +261,32 @@ def main(argv=None):
     results = load_results(args.results)
     t0 = time.time() - results["wall_s"]
     pruned_cache = {}
-    for seed in [] if args.report else args.seeds:  # seed-major: a full one-seed comparison exists before the second seed starts
+
+    def save():
+        results["wall_s"] = time.time() - t0
+        save_results(args.results, results, args)
+
+    def run_seed(seed):
         for name, prune_args, kd in METHODS:
-            if args.methods and name not in args.methods:
-                continue
             key = f"{name}/seed{seed}"
-            if key in results["units"]:
+            if (args.methods and name not in args.methods) or key in results["units"]:
                 continue
             print(f"== {key}", flush=True)
             results["units"][key] = run_unit(args, teacher, name, prune_args, kd, seed, pruned_cache, results["units"])
-            results["wall_s"] = time.time() - t0
-            save_results(args.results, results, args)
+            save()
+
+    # Order: a full first-seed comparison, then the random-mask scatter, then the other seeds, so that
+    # every question has an answer before the run spends hours tightening the error bars.
+    seeds = [] if args.report else args.seeds
+    for seed in seeds[:1]:
+        run_seed(seed)
     for i in range(0 if args.report else args.random_masks):
         if str(i) not in results["random_masks"]:
             print(f"== random mask {i}", flush=True)
             results["random_masks"][str(i)] = random_mask_unit(args, teacher, i)
-            results["wall_s"] = time.time() - t0
-            save_results(args.results, results, args)
+            save()
+    for seed in seeds[1:]:
+        run_seed(seed)
     if not args.report:
         results["wall_s"] = time.time() - t0
     summary = save_results(args.results, results, args)
