@@ -1,6 +1,19 @@
 """Install: `pip install torch==2.13.0` first (CPU build on this machine), then
 `pip install --no-build-isolation -e .[dev]`. Every requirement is satisfiable by that torch."""
 from setuptools import find_packages, setup
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    raise SystemExit("tinyfusion builds its C++ ops against an installed torch: `pip install torch` first, "
+                     "then `pip install --no-build-isolation -e .`")
+
+# The fused CPU ops (csrc/): -O3 so the row loops vectorize, OpenMP so at::parallel_for uses threads.
+cpu_ops = CppExtension(
+    "tinyfusion._C",
+    ["csrc/fused_ops.cpp"],
+    extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast"],
+    extra_link_args=["-fopenmp"],
+)
 
 setup(
     name="tinyfusion",
@@ -8,6 +21,8 @@ setup(
     description="TinyFusion: learnable depth pruning of diffusion transformers, with a deployment stack",
     packages=find_packages(include=["tinyfusion", "tinyfusion.*"]),
     package_data={"tinyfusion.assets": ["*.safetensors", "*.json", "*.md"]},
+    ext_modules=[cpu_ops],
+    cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -8,7 +8,7 @@ shipped teacher.
 import json
 import time
 
-from . import checkpoint
+from . import checkpoint, runtime
 from .errors import Parser, UserError, cli, positive, writable_file
 from .eval.digits_metrics import balanced_labels, digits_metrics, format_metrics
 from .sampler_args import add_sampler_args, sample_batched, sampler_settings
@@ -27,7 +27,7 @@ def evaluate(model, num_samples, settings, batch_size=500, splits=20):
     images = sample_batched(model, labels, settings, batch_size, desc="evaluate")
     seconds = time.perf_counter() - start
     metrics = digits_metrics(images, labels, splits=splits)
-    metrics.update(sampler=settings, depth=model.config.depth, params=sum(p.numel() for p in model.parameters()),
+    metrics.update(sampler=settings, backend=getattr(model, "backend", "eager"), depth=model.config.depth, params=sum(p.numel() for p in model.parameters()),
                    sampling_seconds_per_image=seconds / num_samples)
     return metrics
 
@@ -48,6 +48,7 @@ def main(argv=None):
         writable_file(args.json)
     model = checkpoint.load(args.ckpt)
     require_digits_model(model, args.ckpt)
+    model = runtime.load(model, args.backend)
     metrics = evaluate(model, args.samples, settings, args.batch_size, args.splits)
     metrics["ckpt"] = args.ckpt
     print(format_metrics(metrics))

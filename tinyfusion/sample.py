@@ -6,7 +6,7 @@ models (4 channels) need --vae, a local diffusers AutoencoderKL folder, to decod
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, runtime
 from .errors import Parser, UserError, cli, positive, writable_file
 from .sampler_args import add_sampler_args, sample_batched, sampler_settings
 
@@ -63,7 +63,7 @@ def main(argv=None):
 
         vae = load_vae(args.vae)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
-    images = sample_batched(model, labels, settings, args.batch_size)
+    images = sample_batched(runtime.load(model, args.backend), labels, settings, args.batch_size)
     if vae is not None:
         from .data.vae import decode
 

@@ -4,6 +4,7 @@ from tqdm import tqdm
 
 from .diffusion import DEFAULT_STEPS, sample
 from .errors import UserError, positive
+from .runtime import add_backend_arg
 
 
 # What `sample` and `evaluate` use with no flags: DDIM 50 steps, guidance 1.5 on all channels, seed 0.
@@ -21,6 +22,7 @@ def add_sampler_args(p):
                         "channels only, as facebookresearch/DiT's sample.py does")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=positive(), default=500, help="samples per forward batch")
+    add_backend_arg(g)
 
 
 def sampler_settings(args):
@@ -34,8 +36,8 @@ def sampler_settings(args):
 
 def sample_batched(model, labels, settings, batch_size, desc="sampling"):
     """Samples for `labels`, batch by batch; batch i uses seed + i so results do not depend on the order."""
-    if labels.numel() and (labels.min() < 0 or labels.max() >= model.y_embedder.num_classes):
-        raise UserError(f"labels must be in 0..{model.y_embedder.num_classes - 1}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= model.config.num_classes):
+        raise UserError(f"labels must be in 0..{model.config.num_classes - 1}")
     c = model.config
     shape = (c.in_channels, c.input_size, c.input_size)
     gc = None if settings["guidance_channels"] == "all" else 3

@@ -56,12 +56,12 @@ def sample(model, labels, shape, sampler="ddim", steps=None, cfg_scale=1.5, guid
     steps = steps or DEFAULT_STEPS[sampler]
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
-    learn_sigma = model.out_channels == 2 * model.in_channels
+    learn_sigma = model.config.learn_sigma
     diffusion = create_diffusion(str(steps), learn_sigma=learn_sigma)
     device = labels.device
     generator = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn((len(labels), *shape), generator=generator, device=device)
-    fn = cfg_model_fn(model, labels, cfg_scale, model.y_embedder.num_classes, guidance_channels)
+    fn = cfg_model_fn(model, labels, cfg_scale, model.config.num_classes, guidance_channels)
     loop = ddim_loop if sampler == "ddim" else ddpm_loop
     kwargs = {"eta": eta} if sampler == "ddim" else {}
     return loop(diffusion, fn, x, generator=generator, progress=progress, **kwargs)

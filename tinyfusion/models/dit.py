@@ -243,18 +243,23 @@ class DiT(nn.Module):
         return self.head(x, c)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels=None):
-        """Classifier-free guidance on a batch whose second half carries the null label.
+        return forward_with_cfg(self.forward, self.in_channels, x, t, y, cfg_scale, guidance_channels)
 
-        guidance_channels=None guides every noise-prediction channel (diffusers' DiTPipeline);
-        guidance_channels=3 reproduces facebookresearch/DiT, which guides the first 3 channels only.
-        """
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)
-        n = self.in_channels if guidance_channels is None else guidance_channels
-        eps, rest = out[:, :n], out[:, n:]
-        cond, uncond = eps.chunk(2)
-        guided = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+
+def forward_with_cfg(forward, in_channels, x, t, y, cfg_scale, guidance_channels=None):
+    """Classifier-free guidance on a batch whose second half carries the null label.
+
+    guidance_channels=None guides every noise-prediction channel (diffusers' DiTPipeline);
+    guidance_channels=3 reproduces facebookresearch/DiT, which guides the first 3 channels only.
+    Shared by the module and every runtime backend, so all of them guide the same way.
+    """
+    half = x[: len(x) // 2]
+    out = forward(torch.cat([half, half]), t, y)
+    n = in_channels if guidance_channels is None else guidance_channels
+    eps, rest = out[:, :n], out[:, n:]
+    cond, uncond = eps.chunk(2)
+    guided = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):

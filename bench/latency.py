@@ -1,0 +1,297 @@
+"""Latency against depth, per backend: does a model half as deep run twice as fast?
+
+For each backend and depth, the median forward latency (after warm-up) of a DiT with random weights,
+then a fit t(L) = a + b*L with R^2, the half-depth speedup against its ideal (a + bL) / (a + bL/2) and
+against 2, and the share of the FLOP floor reached (FLOPs counted from the config over a GEMM rate
+measured in the same run). A width-pruned model with the parameters of the half-depth one (hidden and
+MLP sizes scaled by 1/sqrt(2), head count kept) runs at full depth beside it: depth versus width.
+
+  python bench/latency.py                        # --preset cpu: DiT-S/2 width, 256 tokens, depths 12 9 6 3
+  python bench/latency.py --preset xl --device cuda --dtype bf16    # DiT-XL/2: 28 21 14 7
+  python bench/latency.py --backends eager cpp --depths 12 6 --json out.json --profile
+
+Outputs: a table on stdout, --json (default bench/results/latency_<preset>.json), the CSV and PNG beside it.
+"""
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from tinyfusion.checkpoint import atomic_write  # noqa: E402
+from tinyfusion.errors import Parser, UserError, cli, positive, writable_file  # noqa: E402
+from tinyfusion.models.dit import DiT, DiTConfig  # noqa: E402
+from tinyfusion.runtime import BACKENDS, load  # noqa: E402
+
+PRESETS = {  # DiT-S/2 and DiT-XL/2 widths at 256 tokens (32x32x4 latents, patch 2)
+    "cpu": dict(config=dict(depth=12, hidden_size=384, num_heads=6), batch=8, dtype="fp32", device="cpu"),
+    "xl": dict(config=dict(depth=28, hidden_size=1152, num_heads=16), batch=32, dtype="bf16", device="cuda"),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv):
+    p = Parser(prog="python bench/latency.py", description=__doc__)
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    p.add_argument("--backends", nargs="+", choices=list(BACKENDS),
+                   help="default: every backend that runs on the device (cpu: eager compile cpp)")
+    p.add_argument("--depths", nargs="+", type=int, help="default: the full depth and its 3/4, 1/2, 1/4")
+    p.add_argument("--batch", type=positive(), help="default: the preset's (cpu 8, xl 32)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: the preset's (cpu fp32, xl bf16)")
+    p.add_argument("--device", help="default: the preset's (cpu, or cuda for xl)")
+    p.add_argument("--warmup", type=positive(), default=3)
+    p.add_argument("--repeats", type=positive(), default=10)
+    p.add_argument("--no-width", action="store_true", help="skip the width-pruned comparison")
+    p.add_argument("--cuda-graphs", action="store_true", help="on CUDA, replay each forward as a CUDA graph")
+    p.add_argument("--profile", action="store_true", help="write a torch.profiler table per backend at full depth")
+    p.add_argument("--json", help="default: bench/results/latency_<preset>.json (CSV and PNG beside it)")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.batch = args.batch or preset["batch"]
+    args.dtype = args.dtype or preset["dtype"]
+    args.device = args.device or preset["device"]
+    full = preset["config"]["depth"]
+    args.depths = sorted(set(args.depths or [full, full * 3 // 4, full // 2, full // 4]), reverse=True)
+    bad = [d for d in args.depths if not 1 <= d <= full]
+    if bad:
+        raise UserError(f"--depths {bad} outside 1..{full} (the {args.preset} preset's source depth)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device here (use --device cpu)")
+    if args.backends is None:
+        args.backends = ["eager", "compile", "cpp"] if args.device == "cpu" else ["eager", "compile"]
+    args.json = args.json or os.path.join(ROOT, "bench", "results", f"latency_{args.preset}.json")
+    writable_file(args.json)
+    return args
+
+
+def make_config(preset, depth, width_scale=1.0):
+    c = dict(PRESETS[preset]["config"], depth=depth)
+    heads = c["num_heads"]
+    c["hidden_size"] = heads * round(c["hidden_size"] * width_scale / heads)  # head count kept, head dim shrinks
+    return DiTConfig(patch_size=2, input_size=32, in_channels=4, num_classes=1000, **c)
+
+
+def random_model(config, seed=0):
+    torch.manual_seed(seed)
+    model = DiT(config)
+    for p in model.parameters():  # adaLN-Zero starts every block as the identity; random weights do real work
+        torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def forward_flops(c, batch):
+    """Multiply-adds x 2 of GEMMs and attention in one forward (elementwise work not counted)."""
+    n = (c.input_size // c.patch_size) ** 2
+    d, tokens = c.hidden_size, batch * n
+    mlp = int(d * c.mlp_ratio)
+    block = 2 * tokens * d * (3 * d + d + 2 * mlp) + 2 * 2 * batch * n * n * d + 2 * batch * d * 6 * d
+    out_ch = c.in_channels * (2 if c.learn_sigma else 1)
+    edges = 2 * tokens * d * c.patch_size**2 * (c.in_channels + out_ch) + 2 * batch * d * 2 * d
+    return c.depth * block + edges
+
+
+def gemm_gflops(tokens, d, mlp, device, dtype, repeats):
+    """The machine's GEMM rate at the model's MLP shape, measured now: the denominator of the floor."""
+    a = torch.randn(tokens, d, device=device, dtype=dtype)
+    w = torch.randn(mlp, d, device=device, dtype=dtype)
+    ms = median_ms(lambda: torch.mm(a, w.t()), device, 3, max(repeats, 20))
+    return 2 * tokens * d * mlp / ms / 1e6
+
+
+def median_ms(fn, device, warmup, repeats):
+    cuda = str(device).startswith("cuda")
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def timed_forward(rt, args):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 4, 32, 32, generator=g).to(args.device, DTYPES[args.dtype])
+    t = torch.randint(0, 1000, (args.batch,), generator=g).to(args.device)
+    y = torch.randint(0, 1000, (args.batch,), generator=g).to(args.device)
+    fn = lambda: rt(x, t, y)  # noqa: E731
+    if args.cuda_graphs and args.device.startswith("cuda"):
+        for _ in range(args.warmup):
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            fn()
+        fn = graph.replay
+    return median_ms(fn, args.device, args.warmup, args.repeats)
+
+
+def fit_line(depths, ms):
+    n = len(depths)
+    mx, my = sum(depths) / n, sum(ms) / n
+    sxx = sum((d - mx) ** 2 for d in depths)
+    b = sum((d - mx) * (m - my) for d, m in zip(depths, ms)) / sxx if sxx else 0.0
+    a = my - b * mx
+    ss_tot = sum((m - my) ** 2 for m in ms)
+    ss_res = sum((m - (a + b * d)) ** 2 for d, m in zip(depths, ms))
+    return a, b, (1 - ss_res / ss_tot) if ss_tot else 1.0
+
+
+def run_backend(backend, args, gflops):
+    full = PRESETS[args.preset]["config"]["depth"]
+    ms = []
+    for depth in args.depths:
+        config = make_config(args.preset, depth)
+        rt = load(random_model(config), backend, args.device, DTYPES[args.dtype])
+        ms.append(timed_forward(rt, args))
+        print(f"  {backend:<12} depth {depth:>3}: {ms[-1]:9.2f} ms", flush=True)
+    a, b, r2 = fit_line(args.depths, ms) if len(ms) > 1 else (float("nan"),) * 3
+    by_depth = dict(zip(args.depths, ms))
+    result = {"backend": backend, "depths": args.depths, "median_ms": ms,
+              "fit": {"a": a, "b": b, "r2": r2}}
+    top = args.depths[0]
+    if top % 2 == 0 and top // 2 in by_depth:
+        result["half_depth_speedup"] = by_depth[top] / by_depth[top // 2]
+        result["ideal_half_depth_speedup"] = (a + b * top) / (a + b * top / 2)
+    floor_ms = forward_flops(make_config(args.preset, top), args.batch) / gflops / 1e6
+    result["floor_ms"] = floor_ms
+    result["floor_fraction"] = floor_ms / by_depth[top]
+    if not args.no_width and top == full:
+        width = make_config(args.preset, full, 1 / math.sqrt(2))
+        rt = load(random_model(width), backend, args.device, DTYPES[args.dtype])
+        w_ms = timed_forward(rt, args)
+        result["width_pruned"] = {"hidden_size": width.hidden_size, "depth": full, "median_ms": w_ms,
+                                  "params_m": sum(p.numel() for p in rt.parameters()) / 1e6,
+                                  "speedup": by_depth[top] / w_ms}
+        print(f"  {backend:<12} width {width.hidden_size} x depth {full}: {w_ms:9.2f} ms", flush=True)
+    if args.profile:
+        result["profile"] = profile(backend, args, top)
+    return result
+
+
+def profile(backend, args, depth):
+    """Where the time goes: the top operators of a few full-depth forwards, as a text table beside the JSON."""
+    rt = load(random_model(make_config(args.preset, depth)), backend, args.device, DTYPES[args.dtype])
+    timed_forward(rt, args)  # warm (and compile) before profiling
+    x = torch.randn(args.batch, 4, 32, 32).to(args.device, DTYPES[args.dtype])
+    t = torch.zeros(args.batch, dtype=torch.long, device=args.device)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        for _ in range(3):
+            rt(x, t, t)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    path = os.path.splitext(args.json)[0] + f"_profile_{backend}.txt"
+    atomic_write(path, lambda tmp: open(tmp, "w").write(table))
+    return os.path.relpath(path, os.path.dirname(args.json))
+
+
+def machine(args):
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if args.device.startswith("cuda"):
+        desc = f"{torch.cuda.get_device_name()}; host {desc}"
+    return desc
+
+
+def write_outputs(summary, args):
+    base = os.path.splitext(args.json)[0]
+    atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(summary, indent=1)))
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["backend", "depth", "hidden_size", "median_ms"])
+            for r in summary["results"]:
+                for d, m in zip(r["depths"], r["median_ms"]):
+                    w.writerow([r["backend"], d, PRESETS[args.preset]["config"]["hidden_size"], f"{m:.3f}"])
+                if "width_pruned" in r:
+                    wp = r["width_pruned"]
+                    w.writerow([r["backend"], wp["depth"], wp["hidden_size"], f"{wp['median_ms']:.3f}"])
+
+    atomic_write(base + ".csv", write_csv)
+    plot(summary, base + ".png")
+
+
+def plot(summary, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in summary["results"]:
+        line = ax.plot(r["depths"], r["median_ms"], "o", label=f"{r['backend']} (R² {r['fit']['r2']:.3f})")[0]
+        xs = [0, max(r["depths"])]
+        ax.plot(xs, [r["fit"]["a"] + r["fit"]["b"] * x for x in xs], "-", color=line.get_color(), alpha=0.5)
+        if "width_pruned" in r:
+            wp = r["width_pruned"]
+            ax.plot([wp["depth"]], [wp["median_ms"]], "x", ms=9, color=line.get_color())
+    ax.set_xlabel("depth (layers)")
+    ax.set_ylabel("median forward latency (ms)")
+    ax.set_title(f"{summary['preset']}: batch {summary['batch']}, {summary['dtype']} ({summary['device']}); "
+                 "x = width-pruned", fontsize=9)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def table(summary):
+    lines = ["| backend | " + " | ".join(f"L={d} ms" for d in summary["results"][0]["depths"]) +
+             " | R² | half-depth speedup (ideal) | FLOP floor reached | width-pruned speedup |",
+             "|---" * (len(summary["results"][0]["depths"]) + 5) + "|"]
+    for r in summary["results"]:
+        half = (f"{r['half_depth_speedup']:.2f}x ({r['ideal_half_depth_speedup']:.2f}x)"
+                if "half_depth_speedup" in r else "-")
+        width = f"{r['width_pruned']['speedup']:.2f}x" if "width_pruned" in r else "-"
+        lines.append(f"| {r['backend']} | " + " | ".join(f"{m:.1f}" for m in r["median_ms"]) +
+                     f" | {r['fit']['r2']:.4f} | {half} | {r['floor_fraction']:.0%} | {width} |")
+    return "\n".join(lines)
+
+
+@cli
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    top = make_config(args.preset, args.depths[0])
+    tokens = args.batch * (top.input_size // top.patch_size) ** 2
+    gflops = gemm_gflops(tokens, top.hidden_size, int(top.hidden_size * top.mlp_ratio), args.device,
+                         DTYPES[args.dtype], args.repeats)
+    print(f"GEMM rate ({tokens}x{top.hidden_size} @ {top.hidden_size}x{int(top.hidden_size * top.mlp_ratio)}, "
+          f"{args.dtype}): {gflops:.1f} GFLOP/s", flush=True)
+    results = [run_backend(b, args, gflops) for b in args.backends]
+    summary = {"preset": args.preset, "machine": machine(args), "date": time.strftime("%Y-%m-%d"),
+               "command": "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "batch": args.batch, "dtype": args.dtype, "device": args.device, "tokens": 256,
+               "hidden_size": top.hidden_size, "gemm_gflops": gflops, "results": results,
+               "wall_s": time.time() - t0}
+    write_outputs(summary, args)
+    print(table(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""tinyfusion.runtime: every CPU backend gives the eager outputs; sample and evaluate run through them."""
+import pytest
+import torch
+
+from conftest import assert_one_line_error, inputs, run_main, tiny_dit
+from tinyfusion import runtime
+from tinyfusion.diffusion import sample
+from tinyfusion.errors import UserError
+
+
+@pytest.mark.parametrize("backend", ["cpp", "compile"])
+@pytest.mark.parametrize("depth,hidden,heads", [(3, 48, 3), (2, 96, 2), (0, 32, 2)])
+def test_backend_matches_eager(backend, depth, hidden, heads):
+    model = tiny_dit(depth=depth, hidden_size=hidden, num_heads=heads, mlp_norm_eps=1e-5)
+    x, t, y = inputs(model.config, n=3)
+    want = model(x, t, y)
+    rt = runtime.load(model, backend)
+    torch.testing.assert_close(rt(x, t, y), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rt.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), 2.0, 3),
+                               model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), 2.0, 3),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_cpp_sampling_equals_eager_sampling():
+    model = tiny_dit(depth=2)
+    labels = torch.tensor([0, 1, 4])
+    a = sample(model, labels, (4, 8, 8), "ddim", 5, cfg_scale=1.5, seed=3)
+    b = sample(runtime.load(model, "cpp"), labels, (4, 8, 8), "ddim", 5, cfg_scale=1.5, seed=3)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_backend_and_cpp_off_cpu_are_one_line_errors():
+    model = tiny_dit(depth=1)
+    with pytest.raises(UserError, match="unknown backend 'tensorrtx'"):
+        runtime.load(model, "tensorrtx")
+    with pytest.raises(UserError, match="float32 on the CPU"):
+        runtime.load(model, "cpp", dtype=torch.float64)
+
+
+def test_unbuilt_extension_says_how_to_build(monkeypatch):
+    from tinyfusion.runtime import cpu_ops
+
+    monkeypatch.setattr(cpu_ops, "_C", None)
+    monkeypatch.setattr(cpu_ops, "_IMPORT_ERROR", ImportError("No module named 'tinyfusion._C'"))
+    with pytest.raises(UserError, match="pip install --no-build-isolation -e ."):
+        runtime.load(tiny_dit(depth=1), "cpp")
+
+
+def test_evaluate_and_sample_take_backend(tmp_path, capsys):
+    from tinyfusion.evaluate import main as evaluate_main
+    from tinyfusion.sample import main as sample_main
+
+    out = tmp_path / "m.json"
+    code, _, err = run_main(evaluate_main, ["--samples", "40", "--steps", "4", "--backend", "cpp", "--splits", "2",
+                                            "--json", str(out)], capsys)
+    assert code == 0, err
+    import json
+
+    metrics = json.loads(out.read_text())
+    assert metrics["backend"] == "cpp" and metrics["depth"] == 12
+    code, _, err = run_main(sample_main, ["--steps", "3", "--backend", "cpp", "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "g.png").exists()
+    code, _, err = run_main(sample_main, ["--backend", "nope", "--out", str(tmp_path / "h.png")], capsys)
+    assert_one_line_error(code, err, "--backend")

@@ -1,0 +1,72 @@
+"""One interface over every inference backend: `load(ckpt, backend=...)` -> a callable DiT.
+
+    rt = tinyfusion.runtime.load("runs/x/pruned.safetensors", backend="cpp")
+    eps = rt(x, t, y)                                     # (N, C, H, W), (N,), (N,) -> (N, out_channels, H, W)
+    eps = rt.forward_with_cfg(x, t, y, cfg_scale=1.5)     # the same guidance as DiT.forward_with_cfg
+
+The samplers, `sample`, `evaluate` and `bench/latency.py` take a Runtime wherever they take a DiT.
+"""
+import torch
+
+from ..errors import UserError
+from ..models.dit import DiT, forward_with_cfg
+
+# name -> (what it is, module that builds it); modules import lazily so a missing dependency only
+# matters to the backend that needs it.
+BACKENDS = {
+    "eager": "PyTorch eager",
+    "compile": "torch.compile (Inductor)",
+    "cpp": "C++ fused CPU ops (csrc/, pybind11) around PyTorch GEMMs and SDPA",
+}
+
+
+class Runtime:
+    """A DiT forward on one backend, with the attributes the samplers read."""
+
+    def __init__(self, model: DiT, forward, backend: str):
+        self.model = model
+        self.config = model.config
+        self.in_channels = model.in_channels
+        self.out_channels = model.out_channels
+        self.backend = backend
+        self._forward = forward
+
+    @torch.no_grad()
+    def __call__(self, x, t, y):
+        return self._forward(x, t, y)
+
+    @torch.no_grad()
+    def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels=None):
+        return forward_with_cfg(self._forward, self.in_channels, x, t, y, cfg_scale, guidance_channels)
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Runtime:
+    """`ckpt` is a checkpoint path (any format `tinyfusion.load` reads) or a DiT module."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "cpp" and (torch.device(device).type != "cpu" or dtype != torch.float32):
+        raise UserError(f"the cpp backend runs float32 on the CPU, not {dtype} on {device}")
+    if isinstance(ckpt, DiT):
+        model = ckpt
+    else:
+        from ..checkpoint import load as load_checkpoint
+
+        model = load_checkpoint(ckpt)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if backend == "eager":
+        forward = model.forward
+    elif backend == "compile":
+        forward = torch.compile(model.forward)
+    else:
+        from .cpp import FusedCPUForward
+
+        forward = FusedCPUForward(model)
+    return Runtime(model, forward, backend)
+
+
+def add_backend_arg(parser):
+    parser.add_argument("--backend", default="eager", choices=list(BACKENDS),
+                        help="inference backend: " + "; ".join(f"{k}: {v}" for k, v in BACKENDS.items()))
