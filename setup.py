@@ -7,11 +7,12 @@ except ImportError:
     raise SystemExit("tinyfusion builds its C++ ops against an installed torch: `pip install torch` first, "
                      "then `pip install --no-build-isolation -e .`")
 
-# The fused CPU ops (csrc/): -O3 so the row loops vectorize, OpenMP so at::parallel_for uses threads.
+# The fused CPU ops (csrc/): -O3 and -fno-trapping-math so the row loops (exp included) vectorize,
+# OpenMP so at::parallel_for uses threads.
 cpu_ops = CppExtension(
     "tinyfusion._C",
     ["csrc/fused_ops.cpp"],
-    extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast"],
+    extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"],
     extra_link_args=["-fopenmp"],
 )
 

@@ -3,16 +3,18 @@
 //   residual_ln_modulate_  x += gate * (branch + bias); branch = LN(x) * (1 + scale) + shift   (in place)
 //   bias_gelu_             h = gelu_tanh(h + bias)                              (in place, the fc1 epilogue)
 // One pass over memory each; rows are spread over threads with at::parallel_for. The row loops are
-// compiled three times (AVX-512, AVX2+FMA, portable) and the loader picks the best the CPU has.
+// compiled three times (AVX-512, AVX2, portable) and the loader picks the best the CPU has.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define TF_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// Feature-based clones (not arch=: the resolver would test the CPU model and miss, say, an AMD EPYC with AVX-512).
+#define TF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define TF_CLONES
 #endif
@@ -21,9 +23,12 @@ namespace {
 
 // exp(x) for x in [-87, 88] with Cephes' degree-6 polynomial: branch-free, so the compiler vectorizes it
 // (std::exp would not). Relative error about 2e-7.
-inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  float n = std::floor(x * 1.44269504088896341f + 0.5f);
+__attribute__((always_inline)) inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;  // not std::min/max: templates from the default target do not inline into the clones
+  x = x > 88.0f ? 88.0f : x;
+  // round(x / ln 2) as a truncation of a positive number: no floor call, so every ISA vectorizes it
+  const int32_t ni = static_cast<int32_t>(x * 1.44269504088896341f + 126.5f) - 126;
+  const float n = static_cast<float>(ni);
   float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -32,7 +37,7 @@ inline float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t bits = (ni + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
@@ -169,7 +174,7 @@ std::string isa() {
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f")) return "avx512";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+  if (__builtin_cpu_supports("avx2")) return "avx2";
 #endif
   return "portable";
 }
