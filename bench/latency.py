@@ -102,7 +102,7 @@ def gemm_gflops(tokens, d, mlp, device, dtype, repeats):
     """The machine's GEMM rate at the model's MLP shape, measured now: the denominator of the floor."""
     a = torch.randn(tokens, d, device=device, dtype=dtype)
     w = torch.randn(mlp, d, device=device, dtype=dtype)
-    ms = median_ms(lambda: torch.mm(a, w.t()), device, 3, max(repeats, 20))
+    ms = median_ms(lambda: torch.mm(a, w.t()), device, 10, max(repeats, 30))  # long warm-up: thread pools spin up
     return 2 * tokens * d * mlp / ms / 1e6
 
 

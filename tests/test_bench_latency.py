@@ -1,0 +1,57 @@
+"""bench/latency.py: a small real run writes the JSON/CSV/PNG it promises; bad input is one line."""
+import csv
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT, assert_one_line_error, run_main
+
+sys.path.insert(0, f"{ROOT}/bench")
+import latency  # noqa: E402
+
+
+def test_small_run_writes_fit_and_outputs(tmp_path, capsys):
+    out = tmp_path / "lat.json"
+    code, stdout, err = run_main(latency.main, ["--backends", "eager", "cpp", "--depths", "4", "2", "--batch", "1",
+                                                "--warmup", "1", "--repeats", "2", "--json", str(out)], capsys)
+    assert code == 0, err
+    summary = json.loads(out.read_text())
+    assert summary["gemm_gflops"] > 0 and [r["backend"] for r in summary["results"]] == ["eager", "cpp"]
+    for r in summary["results"]:
+        assert r["depths"] == [4, 2] and all(m > 0 for m in r["median_ms"])
+        # no assertion on the times themselves (speed lives in bench/results, not in tests)
+        assert set(r["fit"]) == {"a", "b", "r2"} and {"half_depth_speedup", "ideal_half_depth_speedup"} <= set(r)
+        assert r["floor_fraction"] > 0
+    rows = list(csv.reader(open(tmp_path / "lat.csv")))
+    assert rows[0] == ["backend", "depth", "hidden_size", "median_ms"] and len(rows) == 5
+    assert (tmp_path / "lat.png").stat().st_size > 0
+    assert "| eager |" in stdout and "| cpp |" in stdout
+
+
+def test_flops_count_matches_dit_xl():
+    # The DiT paper's 118.6 "Gflops" for DiT-XL/2 counts multiply-adds (fvcore): we count 2 FLOPs each.
+    c = latency.make_config("xl", 28)
+    assert latency.forward_flops(c, 1) / 2e9 == pytest.approx(118.6, rel=0.01)
+
+
+def test_width_pruned_config_has_half_the_block_parameters():
+    full, half_depth = latency.make_config("cpu", 12), latency.make_config("cpu", 6)
+    width = latency.make_config("cpu", 12, 2 ** -0.5)
+    per_block = lambda c: 12 * c.hidden_size**2  # noqa: E731
+    assert width.hidden_size % width.num_heads == 0
+    ratio = (width.depth * per_block(width)) / (half_depth.depth * per_block(half_depth))
+    assert ratio == pytest.approx(1.0, abs=0.02) and full.hidden_size == 384
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--depths", "13"], "outside 1..12"),
+    (["--depths", "0", "6"], "outside 1..12"),
+    (["--batch", "0"], "--batch"),
+    (["--repeats", "-1"], "--repeats"),
+    (["--backends", "warp"], "--backends"),
+])
+def test_bad_input_is_one_line(argv, fragment, capsys, tmp_path):
+    code, _, err = run_main(latency.main, argv + ["--json", str(tmp_path / "x.json")], capsys)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "x.json").exists()
