@@ -4,7 +4,8 @@ For each backend and depth, the median forward latency (after warm-up) of a DiT 
 then a fit t(L) = a + b*L with R^2, the half-depth speedup against its ideal (a + bL) / (a + bL/2) and
 against 2, and the share of the FLOP floor reached (FLOPs counted from the config over a GEMM rate
 measured in the same run). A width-pruned model with the parameters of the half-depth one (hidden and
-MLP sizes scaled by 1/sqrt(2), head count kept) runs at full depth beside it: depth versus width.
+MLP sizes scaled by 1/sqrt(2) to the nearest
+multiple of lcm(heads, 4), head count kept) runs at full depth beside it: depth versus width.
 
   python bench/latency.py                        # --preset cpu: DiT-S/2 width, 256 tokens, depths 12 9 6 3
   python bench/latency.py --preset xl --device cuda --dtype bf16    # DiT-XL/2: 28 21 14 7
@@ -74,8 +75,8 @@ def parse_args(argv):
 
 def make_config(preset, depth, width_scale=1.0):
     c = dict(PRESETS[preset]["config"], depth=depth)
-    heads = c["num_heads"]
-    c["hidden_size"] = heads * round(c["hidden_size"] * width_scale / heads)  # head count kept, head dim shrinks
+    step = math.lcm(c["num_heads"], 4)  # head count kept (head dim shrinks); sin-cos positions need D % 4 == 0
+    c["hidden_size"] = step * round(c["hidden_size"] * width_scale / step)
     return DiTConfig(patch_size=2, input_size=32, in_channels=4, num_classes=1000, **c)
 
 
@@ -107,40 +108,41 @@ def gemm_gflops(tokens, d, mlp, device, dtype, repeats):
 
 
 def median_ms(fn, device, warmup, repeats):
-    cuda = str(device).startswith("cuda")
     with torch.no_grad():
         for _ in range(warmup):
             fn()
-        times = []
-        for _ in range(repeats):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        return statistics.median(time_once(fn, device) for _ in range(repeats))
 
 
-def timed_forward(rt, args):
+def time_once(fn, device):
+    if str(device).startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def prepared_forward(rt, args):
+    """A no-argument forward on fixed random inputs (replayed as a CUDA graph with --cuda-graphs)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 4, 32, 32, generator=g).to(args.device, DTYPES[args.dtype])
     t = torch.randint(0, 1000, (args.batch,), generator=g).to(args.device)
     y = torch.randint(0, 1000, (args.batch,), generator=g).to(args.device)
     fn = lambda: rt(x, t, y)  # noqa: E731
-    if args.cuda_graphs and args.device.startswith("cuda"):
-        for _ in range(args.warmup):
+    with torch.no_grad():
+        for _ in range(args.warmup):  # warm-up (and compile) before any timing
             fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            fn()
-        fn = graph.replay
-    return median_ms(fn, args.device, args.warmup, args.repeats)
+        if args.cuda_graphs and args.device.startswith("cuda"):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            fn = graph.replay
+    return fn
 
 
 def fit_line(depths, ms):
@@ -154,33 +156,44 @@ def fit_line(depths, ms):
     return a, b, (1 - ss_res / ss_tot) if ss_tot else 1.0
 
 
-def run_backend(backend, args, gflops):
+def measure_all(args):
+    """Median latency of every (backend, model) case. The cases are timed in interleaved rounds, one
+    forward each per round, so drift in a shared machine's load hits every case alike."""
     full = PRESETS[args.preset]["config"]["depth"]
-    ms = []
-    for depth in args.depths:
-        config = make_config(args.preset, depth)
-        rt = load(random_model(config), backend, args.device, DTYPES[args.dtype])
-        ms.append(timed_forward(rt, args))
-        print(f"  {backend:<12} depth {depth:>3}: {ms[-1]:9.2f} ms", flush=True)
+    configs = [(d, make_config(args.preset, d)) for d in args.depths]
+    if not args.no_width and args.depths[0] == full:
+        configs.append(("width", make_config(args.preset, full, 1 / math.sqrt(2))))
+    cases = {}
+    for backend in args.backends:
+        for key, config in configs:
+            rt = load(random_model(config), backend, args.device, DTYPES[args.dtype])
+            cases[backend, key] = (rt, prepared_forward(rt, args))
+            print(f"  ready: {backend} {'width-pruned' if key == 'width' else f'depth {key}'}", flush=True)
+    times = {case: [] for case in cases}
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            for case, (_, fn) in cases.items():
+                times[case].append(time_once(fn, args.device))
+    return {case: statistics.median(ts) for case, ts in times.items()}, {case: rt for case, (rt, _) in cases.items()}
+
+
+def backend_result(backend, args, gflops, medians, runtimes):
+    ms = [medians[backend, d] for d in args.depths]
     a, b, r2 = fit_line(args.depths, ms) if len(ms) > 1 else (float("nan"),) * 3
-    by_depth = dict(zip(args.depths, ms))
-    result = {"backend": backend, "depths": args.depths, "median_ms": ms,
-              "fit": {"a": a, "b": b, "r2": r2}}
+    result = {"backend": backend, "depths": args.depths, "median_ms": ms, "fit": {"a": a, "b": b, "r2": r2}}
     top = args.depths[0]
-    if top % 2 == 0 and top // 2 in by_depth:
-        result["half_depth_speedup"] = by_depth[top] / by_depth[top // 2]
+    if top % 2 == 0 and top // 2 in args.depths:
+        result["half_depth_speedup"] = medians[backend, top] / medians[backend, top // 2]
         result["ideal_half_depth_speedup"] = (a + b * top) / (a + b * top / 2)
     floor_ms = forward_flops(make_config(args.preset, top), args.batch) / gflops / 1e6
     result["floor_ms"] = floor_ms
-    result["floor_fraction"] = floor_ms / by_depth[top]
-    if not args.no_width and top == full:
-        width = make_config(args.preset, full, 1 / math.sqrt(2))
-        rt = load(random_model(width), backend, args.device, DTYPES[args.dtype])
-        w_ms = timed_forward(rt, args)
-        result["width_pruned"] = {"hidden_size": width.hidden_size, "depth": full, "median_ms": w_ms,
+    result["floor_fraction"] = floor_ms / medians[backend, top]
+    if (backend, "width") in medians:
+        rt = runtimes[backend, "width"]
+        result["width_pruned"] = {"hidden_size": rt.config.hidden_size, "depth": rt.config.depth,
+                                  "median_ms": medians[backend, "width"],
                                   "params_m": sum(p.numel() for p in rt.parameters()) / 1e6,
-                                  "speedup": by_depth[top] / w_ms}
-        print(f"  {backend:<12} width {width.hidden_size} x depth {full}: {w_ms:9.2f} ms", flush=True)
+                                  "speedup": medians[backend, top] / medians[backend, "width"]}
     if args.profile:
         result["profile"] = profile(backend, args, top)
     return result
@@ -189,7 +202,7 @@ def run_backend(backend, args, gflops):
 def profile(backend, args, depth):
     """Where the time goes: the top operators of a few full-depth forwards, as a text table beside the JSON."""
     rt = load(random_model(make_config(args.preset, depth)), backend, args.device, DTYPES[args.dtype])
-    timed_forward(rt, args)  # warm (and compile) before profiling
+    prepared_forward(rt, args)  # warm (and compile) before profiling
     x = torch.randn(args.batch, 4, 32, 32).to(args.device, DTYPES[args.dtype])
     t = torch.zeros(args.batch, dtype=torch.long, device=args.device)
     with torch.no_grad(), torch.profiler.profile() as prof:
@@ -282,7 +295,8 @@ def main(argv=None):
                          DTYPES[args.dtype], args.repeats)
     print(f"GEMM rate ({tokens}x{top.hidden_size} @ {top.hidden_size}x{int(top.hidden_size * top.mlp_ratio)}, "
           f"{args.dtype}): {gflops:.1f} GFLOP/s", flush=True)
-    results = [run_backend(b, args, gflops) for b in args.backends]
+    medians, runtimes = measure_all(args)
+    results = [backend_result(b, args, gflops, medians, runtimes) for b in args.backends]
     summary = {"preset": args.preset, "machine": machine(args), "date": time.strftime("%Y-%m-%d"),
                "command": "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "batch": args.batch, "dtype": args.dtype, "device": args.device, "tokens": 256,
