@@ -36,7 +36,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "diffusers>=0.30"],
+        "dev": ["pytest", "diffusers>=0.30", "onnx", "onnxscript", "onnxruntime"],
         "diffusers": ["diffusers>=0.30"],
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
+        "trt": ["onnx", "onnxscript", "onnxruntime", "tensorrt"],
     },
 )

@@ -43,7 +43,7 @@ def parse_args(argv):
     p = Parser(prog="python bench/latency.py", description=__doc__)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
     p.add_argument("--backends", nargs="+", choices=list(BACKENDS),
-                   help="default: every backend that runs on the device (cpu: eager compile cpp)")
+                   help="default: every backend that runs on the device (cpu: eager compile cpp onnxruntime)")
     p.add_argument("--depths", nargs="+", type=int, help="default: the full depth and its 3/4, 1/2, 1/4")
     p.add_argument("--batch", type=positive(), help="default: the preset's (cpu 8, xl 32)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: the preset's (cpu fp32, xl bf16)")
@@ -67,7 +67,7 @@ def parse_args(argv):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: no CUDA device here (use --device cpu)")
     if args.backends is None:
-        args.backends = ["eager", "compile", "cpp"] if args.device == "cpu" else ["eager", "compile"]
+        args.backends = ["eager", "compile", "cpp", "onnxruntime"] if args.device == "cpu" else ["eager", "compile"]
     args.json = args.json or os.path.join(ROOT, "bench", "results", f"latency_{args.preset}.json")
     writable_file(args.json)
     return args

@@ -153,8 +153,11 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        # The branches run in their weights' dtype: with attn/mlp cast to fp16 or bf16 (mixed-precision
+        # export) LayerNorm, modulation, gates and the residual stay in x's dtype. No-ops when they agree.
+        low = self.attn.qkv.weight.dtype
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa).to(low)).to(x.dtype)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp).to(low)).to(x.dtype)
         return x
 
 
@@ -253,7 +256,7 @@ def forward_with_cfg(forward, in_channels, x, t, y, cfg_scale, guidance_channels
     guidance_channels=3 reproduces facebookresearch/DiT, which guides the first 3 channels only.
     Shared by the module and every runtime backend, so all of them guide the same way.
     """
-    half = x[: len(x) // 2]
+    half = x[: x.shape[0] // 2]  # not len(x): that would fix the batch size in an exported graph
     out = forward(torch.cat([half, half]), t, y)
     n = in_channels if guidance_channels is None else guidance_channels
     eps, rest = out[:, :n], out[:, n:]

@@ -6,6 +6,8 @@
 
 The samplers, `sample`, `evaluate` and `bench/latency.py` take a Runtime wherever they take a DiT.
 """
+import os
+
 import torch
 
 from ..errors import UserError
@@ -17,6 +19,8 @@ BACKENDS = {
     "eager": "PyTorch eager",
     "compile": "torch.compile (Inductor)",
     "cpp": "C++ fused CPU ops (csrc/, pybind11) around PyTorch GEMMs and SDPA",
+    "onnxruntime": "the model exported to ONNX, run by onnxruntime's CPU provider (fp32)",
+    "tensorrt": "the model exported to ONNX, built into a TensorRT engine (NVIDIA GPU)",
 }
 
 
@@ -47,8 +51,8 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Run
     """`ckpt` is a checkpoint path (any format `tinyfusion.load` reads) or a DiT module."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if backend == "cpp" and (torch.device(device).type != "cpu" or dtype != torch.float32):
-        raise UserError(f"the cpp backend runs float32 on the CPU, not {dtype} on {device}")
+    if backend in ("cpp", "onnxruntime") and (torch.device(device).type != "cpu" or dtype != torch.float32):
+        raise UserError(f"the {backend} backend runs float32 on the CPU, not {dtype} on {device}")
     if isinstance(ckpt, DiT):
         model = ckpt
     else:
@@ -60,11 +64,37 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Run
         forward = model.forward
     elif backend == "compile":
         forward = torch.compile(model.forward)
-    else:
+    elif backend == "cpp":
         from .cpp import FusedCPUForward
 
         forward = FusedCPUForward(model)
+    else:
+        forward = exported_forward(model, backend)
     return Runtime(model, forward, backend)
+
+
+def exported_forward(model, backend):
+    """Export to a private folder (kept while the forward lives), then onnxruntime or a TensorRT engine."""
+    import tempfile
+
+    from . import onnx_export
+
+    folder = tempfile.TemporaryDirectory(prefix="tinyfusion-onnx-")
+    if backend == "tensorrt":
+        from . import tensorrt
+
+        tensorrt.require_tensorrt()  # fail before the export when TensorRT or the GPU is missing
+    path = onnx_export.export_onnx(model, os.path.join(folder.name, "model.onnx"))
+    if backend == "onnxruntime":
+        forward = onnx_export.OnnxRuntimeForward(path, threads=torch.get_num_threads())
+    else:
+        c = model.config
+        shapes = {"x": (c.in_channels, c.input_size, c.input_size), "t": (), "y": ()}
+        engine = tensorrt.build_engine(path, (1, 16, 512), shapes, os.path.join(folder.name, "engines"),
+                                       os.path.join(folder.name, "timing.cache"), "fp32", log=lambda _: None)
+        forward = tensorrt.TensorRTForward(engine)
+    forward.folder = folder  # the graph's files live as long as the forward
+    return forward
 
 
 def add_backend_arg(parser):

@@ -1,0 +1,163 @@
+"""ONNX export (onnxruntime parity, dynamic batch, mixed precision casts), the onnxruntime backend, the
+TensorRT stage without TensorRT, the engine cache key, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_line_error, inputs, tiny_dit
+from tinyfusion import runtime, save
+from tinyfusion.diffusion import sample
+from tinyfusion.errors import UserError
+from tinyfusion.pruning.surgery import prune_model
+from tinyfusion.runtime import onnx_export
+from tinyfusion.runtime.tensorrt import engine_cache_key, parse_profile
+
+
+def run_tool(script, *argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "export", script), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def pruned_ckpt(tmp_path_factory):
+    """A tiny depth-4 teacher pruned to its blocks 0 and 2, saved as the prune CLI saves it."""
+    path = str(tmp_path_factory.mktemp("pruned") / "pruned.safetensors")
+    save(prune_model(tiny_dit(depth=4), [0, 2]), path, source="tiny", kept=[0, 2], method="fixed")
+    return path
+
+
+def test_export_of_a_pruned_model_is_verified_in_onnxruntime(pruned_ckpt, tmp_path):
+    out = tmp_path / "onnx"
+    r = run_tool("onnx.py", "--ckpt", pruned_ckpt, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "parity.json").read_text())
+    assert set(report["parity"]["onnxruntime"]) == {"batch2", "batch5"}
+    for m in report["parity"]["onnxruntime"].values():
+        assert m["max_abs"] < 1e-4 and m["cosine"] > 0.99999
+    assert report["sha256"] == onnx_export.graph_sha256(str(out / "model.onnx"))
+
+
+def test_batch_is_really_dynamic(tmp_path):
+    model = tiny_dit(depth=2)
+    path = onnx_export.export_onnx(model, str(tmp_path / "m.onnx"), batch=3)
+    for inp in onnx.load(path).graph.input:
+        assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic, not 3
+    forward = onnx_export.OnnxRuntimeForward(path)
+    for n in (1, 7):
+        x, t, y = inputs(model.config, n=n, seed=n)
+        torch.testing.assert_close(forward(x, t, y), model(x, t, y), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gc", [None, 3])
+def test_cfg_graph_equals_forward_with_cfg(tmp_path, gc):
+    model = tiny_dit(depth=2)
+    path = onnx_export.export_onnx(model, str(tmp_path / "cfg.onnx"), cfg=True, guidance_channels=gc)
+    report = onnx_export.onnxruntime_parity(model, path, (2, 3), cfg=True, guidance_channels=gc)
+    assert all(m["max_abs"] < 1e-4 for m in report.values())
+    # the graph's forward is DiT.forward_with_cfg's first half
+    x, t, y = inputs(model.config, n=3)
+    null = torch.full_like(y, model.config.num_classes)
+    want = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 1.5, gc)[:3]
+    got = onnx_export.ExportedDiT(model, True, gc)(x, t.float(), y, torch.tensor([1.5]))
+    torch.testing.assert_close(got, want)
+
+
+def value_types(model):
+    """name -> ONNX element type for every value in the shape-inferred graph."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    types.update({i.name: i.data_type for i in g.initializer})
+    return types
+
+
+def test_fp16_graph_keeps_norm_modulation_gates_and_residual_in_fp32(tmp_path):
+    model = tiny_dit(depth=2)
+    path = onnx_export.export_onnx(model, str(tmp_path / "h.onnx"), precision="fp16", opset=20)
+    graph = onnx.load(path)
+    types = value_types(graph)
+    F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    nodes = graph.graph.node
+    norms = [n for n in nodes if n.op_type == "LayerNormalization"]
+    assert len(norms) == 2 * 2 + 1 and all(types[n.input[0]] == F32 for n in norms)
+    matmuls = [n for n in nodes if n.op_type in ("MatMul", "Gemm")]
+    assert sum(types[n.input[0]] == F16 for n in matmuls) >= 2 * 4  # qkv, proj, fc1, fc2 per block
+    casts = [n for n in nodes if n.op_type == "Cast"]
+    assert casts, "explicit casts between the fp32 stream and the fp16 GEMMs"
+    # every Add whose output feeds a LayerNormalization (the residual stream) is fp32
+    producers = {o: n for n in nodes for o in n.output}
+    for n in norms[1:]:
+        src = producers.get(n.input[0])
+        if src is not None and src.op_type == "Add":
+            assert types[src.output[0]] == F32
+    report = onnx_export.onnxruntime_parity(model, path, (2,))
+    assert report["batch2"]["cosine"] > 0.999
+
+
+def test_onnxruntime_backend_and_sampling_match_eager():
+    model = tiny_dit(depth=2)
+    rt = runtime.load(model, "onnxruntime")
+    x, t, y = inputs(model.config, n=4)
+    torch.testing.assert_close(rt(x, t, y), model(x, t, y), rtol=1e-4, atol=1e-5)
+    labels = torch.tensor([0, 3, 4])
+    a = sample(model, labels, (4, 8, 8), "ddim", 6, cfg_scale=2.0, seed=5)
+    b = sample(rt, labels, (4, 8, 8), "ddim", 6, cfg_scale=2.0, seed=5)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_trt_without_tensorrt_leaves_a_valid_onnx_and_says_what_to_run(pruned_ckpt, tmp_path):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here: the GPU check covers the engine path")
+    except ImportError:
+        pass
+    out = tmp_path / "trt"
+    r = run_tool("trt.py", "--ckpt", pruned_ckpt, "--out", str(out), "--batch", "1:2:4")
+    assert r.returncode == 3
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "TensorRT is not installed" in err[0] and "python export/trt.py --onnx" in err[0]
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
+    assert json.loads((out / "parity.json").read_text())["parity"]["onnxruntime"]["batch5"]["max_abs"] < 1e-4
+
+
+def test_engine_cache_key_changes_with_each_input():
+    base = dict(onnx_sha256="a" * 64, profile=(1, 8, 64), precision="fp16", trt_version="10.13", gpu_name="H200")
+    key = engine_cache_key(**base)
+    assert key == engine_cache_key(**base)
+    for field, other in [("onnx_sha256", "b" * 64), ("profile", (1, 16, 64)), ("precision", "bf16"),
+                         ("trt_version", "10.14"), ("gpu_name", "A100")]:
+        assert engine_cache_key(**{**base, field: other}) != key, field
+
+
+@pytest.mark.parametrize("text", ["4:2:8", "0:1:2", "1:2", "a:b:c", "2:2:1"])
+def test_bad_batch_profiles(text):
+    with pytest.raises(UserError, match="--batch"):
+        parse_profile(text)
+    assert parse_profile("1:1:1") == (1, 1, 1)
+
+
+def test_bad_inputs_are_one_line_errors(pruned_ckpt, tmp_path):
+    not_a_ckpt = tmp_path / "notes.safetensors"
+    not_a_ckpt.write_text("hello")
+    r = run_tool("onnx.py", "--ckpt", str(not_a_ckpt), "--out", str(tmp_path / "a"))
+    assert_one_line_error(r.returncode, r.stderr, "notes.safetensors")
+    r = run_tool("onnx.py", "--ckpt", pruned_ckpt, "--out", str(tmp_path / "b"), "--opset", "13")
+    assert_one_line_error(r.returncode, r.stderr, "--opset")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run_tool("onnx.py", "--ckpt", pruned_ckpt, "--out", str(blocker / "sub"))
+    assert_one_line_error(r.returncode, r.stderr, "sub")
+    r = run_tool("trt.py", "--ckpt", pruned_ckpt, "--out", str(tmp_path / "c"), "--batch", "8:4:2")
+    assert_one_line_error(r.returncode, r.stderr, "MIN <= OPT <= MAX")
+    good = onnx_export.export_onnx(tiny_dit(depth=1), str(tmp_path / "g.onnx"))
+    truncated = tmp_path / "t.onnx"
+    truncated.write_bytes(open(good, "rb").read()[:2000])
+    r = run_tool("trt.py", "--onnx", str(truncated), "--out", str(tmp_path / "d"))
+    assert_one_line_error(r.returncode, r.stderr, "not a valid ONNX model")
+    assert not (tmp_path / "a" / "model.onnx").exists() and not (tmp_path / "b").exists()
