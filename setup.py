@@ -36,7 +36,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "diffusers>=0.30", "onnx", "onnxscript", "onnxruntime"],
+        # triton: the kernel tests run in its interpreter on the CPU (Linux wheels only)
+        "dev": ["pytest", "diffusers>=0.30", "onnx", "onnxscript", "onnxruntime", "triton; platform_system == 'Linux'"],
+        "triton": ["triton"],
         "diffusers": ["diffusers>=0.30"],
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "trt": ["onnx", "onnxscript", "onnxruntime", "tensorrt"],

@@ -19,6 +19,7 @@ BACKENDS = {
     "eager": "PyTorch eager",
     "compile": "torch.compile (Inductor)",
     "cpp": "C++ fused CPU ops (csrc/, pybind11) around PyTorch GEMMs and SDPA",
+    "triton": "Triton fused adaLN/GELU kernels and flash attention around PyTorch GEMMs (NVIDIA GPU)",
     "onnxruntime": "the model exported to ONNX, run by onnxruntime's CPU provider (fp32)",
     "tensorrt": "the model exported to ONNX, built into a TensorRT engine (NVIDIA GPU)",
 }
@@ -65,12 +66,34 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Run
     elif backend == "compile":
         forward = torch.compile(model.forward)
     elif backend == "cpp":
-        from .cpp import FusedCPUForward
+        from . import cpu_ops
+        from .fused import FusedForward
 
-        forward = FusedCPUForward(model)
+        forward = FusedForward(model, cpu_ops.require())
+    elif backend == "triton":
+        from .fused import FusedForward
+
+        ops = triton_ops(device)
+        forward = FusedForward(model, ops, ops.attention)
     else:
         forward = exported_forward(model, backend)
     return Runtime(model, forward, backend)
+
+
+def triton_ops(device):
+    """tinyfusion.kernels.ops, on a CUDA device (or anywhere in Triton's interpreter, for tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise UserError("the triton backend needs the triton package (pip install triton) and an NVIDIA GPU") from None
+    from ..kernels import INTERPRET
+
+    if torch.device(device).type != "cuda" and not INTERPRET:
+        raise UserError(f"the triton backend runs on a CUDA device, not {device} "
+                        "(TRITON_INTERPRET=1 runs it slowly on the CPU, for tests)")
+    from ..kernels import ops
+
+    return ops
 
 
 def exported_forward(model, backend):

@@ -1,0 +1,163 @@
+"""The Triton kernels as torch.library custom ops (fake kernels, so torch.compile and export see them;
+autograd for LayerNorm + modulation), and the attention dispatch.
+
+    ln_modulate(x, shift, scale, eps)                       LN(x) * (1 + scale) + shift, differentiable
+    residual_ln_modulate_(x, branch, bias, gate, shift, scale, eps)   x += gate * (branch + bias);
+                                                            branch <- LN(x) * (1 + scale) + shift
+    bias_gelu_(h, bias)                                     h <- gelu_tanh(h + bias)
+    attention(q, k, v)  (B, H, N, d) views -> (B, N, H, d): flash-attn, else our Triton kernel, else SDPA
+
+x is (B, N, D) contiguous; shift/scale/gate are (B, D) rows with unit stride along D (views into the
+batched adaLN output are fine). Statistics and accumulation are fp32 for fp32/fp16/bf16 inputs.
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import INTERPRET, next_power_of_2
+from .adaln import ln_modulate_bwd_kernel, ln_modulate_fwd_kernel, residual_ln_modulate_kernel
+from .attention import flash_attention_fwd_kernel
+from .gelu import bias_gelu_kernel
+
+log = logging.getLogger("tinyfusion.kernels")
+
+
+def _warps(d):
+    return 4 if d <= 1024 else 8
+
+
+@torch.library.custom_op("tinyfusion_triton::ln_modulate_fwd", mutates_args=())
+def ln_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    B, N, D = x.shape
+    y = torch.empty_like(x)
+    mean = torch.empty(B * N, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    ln_modulate_fwd_kernel[(B * N,)](x, y, shift, scale, mean, rstd, N, D, shift.stride(0), scale.stride(0), eps,
+                                     BLOCK=next_power_of_2(D), num_warps=_warps(D))
+    return y, mean, rstd
+
+
+@ln_modulate_fwd.register_fake
+def _(x, shift, scale, eps):
+    rows = x.shape[0] * x.shape[1]
+    return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("tinyfusion_triton::ln_modulate_bwd", mutates_args=())
+def ln_modulate_bwd(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    B, N, D = x.shape
+    dx = torch.empty_like(x)
+    dscale_rows = torch.empty(B * N, D, device=x.device, dtype=torch.float32)
+    ln_modulate_bwd_kernel[(B * N,)](dy, x, scale, mean, rstd, dx, dscale_rows, N, D, scale.stride(0),
+                                     BLOCK=next_power_of_2(D), num_warps=_warps(D))
+    dshift = dy.float().view(B, N, D).sum(1).to(scale.dtype)
+    return dx, dshift, dscale_rows.view(B, N, D).sum(1).to(scale.dtype)
+
+
+@ln_modulate_bwd.register_fake
+def _(dy, x, scale, mean, rstd):
+    return torch.empty_like(x), scale.new_empty(scale.shape), scale.new_empty(scale.shape)
+
+
+def _setup(ctx, inputs, output):
+    x, _, scale, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale = ln_modulate_bwd(dy.contiguous(), x, scale, mean, rstd)
+    return dx, dshift, dscale, None
+
+
+ln_modulate_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def ln_modulate(x, shift, scale, eps=1e-6):
+    return ln_modulate_fwd(x, shift, scale, eps)[0]
+
+
+@torch.library.custom_op("tinyfusion_triton::residual_ln_modulate_", mutates_args=("x", "branch"))
+def residual_ln_modulate_(x: Tensor, branch: Tensor, bias: Tensor | None, gate: Tensor, shift: Tensor, scale: Tensor,
+                          eps: float) -> None:
+    B, N, D = x.shape
+    residual_ln_modulate_kernel[(B * N,)](x, branch, bias if bias is not None else x, gate, shift, scale, x, branch,
+                                          N, D, gate.stride(0), shift.stride(0), scale.stride(0), eps,
+                                          HAS_BIAS=bias is not None, BLOCK=next_power_of_2(D), num_warps=_warps(D))
+
+
+@residual_ln_modulate_.register_fake
+def _(x, branch, bias, gate, shift, scale, eps):
+    return None
+
+
+@torch.library.custom_op("tinyfusion_triton::bias_gelu_", mutates_args=("h",))
+def bias_gelu_(h: Tensor, bias: Tensor) -> None:
+    cols = bias.shape[0]
+    block = min(1024, next_power_of_2(cols))
+    bias_gelu_kernel[(h.numel() // cols, -(-cols // block))](h, bias, cols, BLOCK=block, num_warps=4)
+
+
+@bias_gelu_.register_fake
+def _(h, bias):
+    return None
+
+
+@torch.library.custom_op("tinyfusion_triton::flash_attention", mutates_args=())
+def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """(B, H, N, d) views in, (B, N, H, d) contiguous out (so the output projection reads it as is)."""
+    B, H, N, d = q.shape
+    out = torch.empty(B, N, H, d, device=q.device, dtype=q.dtype)
+    o = out.transpose(1, 2)
+    block_m, block_n = (16, 16) if INTERPRET else (64, 64)
+    grid = (-(-N // block_m), B * H)
+    flash_attention_fwd_kernel[grid](q, k, v, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                                     k.stride(2), v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1),
+                                     o.stride(2), H, N, d, d ** -0.5, BLOCK_M=block_m, BLOCK_N=block_n,
+                                     BLOCK_D=max(16, next_power_of_2(d)), IEEE=q.dtype == torch.float32,
+                                     num_warps=4)
+    return out
+
+
+@flash_attention.register_fake
+def _(q, k, v):
+    B, H, N, d = q.shape
+    return q.new_empty(B, N, H, d)
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+_logged = set()
+
+
+def attention_choice(q):
+    """flash-attn for fp16/bf16 on CUDA when installed; else our Triton kernel on CUDA (or in the
+    interpreter); else SDPA. Logged once per choice."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_func() is not None:
+        choice = "flash-attn"
+    elif q.is_cuda or INTERPRET:
+        choice = "triton"
+    else:
+        choice = "sdpa"
+    if choice not in _logged:
+        _logged.add(choice)
+        log.info("attention: %s", choice)
+    return choice
+
+
+def attention(q, k, v):
+    choice = attention_choice(q)
+    if choice == "flash-attn":
+        return _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    if choice == "triton":
+        return flash_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
