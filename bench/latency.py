@@ -138,10 +138,13 @@ def prepared_forward(rt, args):
         for _ in range(args.warmup):  # warm-up (and compile) before any timing
             fn()
         if args.cuda_graphs and args.device.startswith("cuda"):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            fn = graph.replay
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn()
+                fn = graph.replay
+            except RuntimeError as e:  # a backend that cannot be captured is timed without a graph, and says so
+                print(f"  {rt.backend}: no CUDA graph ({str(e).splitlines()[0][:120]})", flush=True)
     return fn
 
 
@@ -247,7 +250,10 @@ def write_outputs(summary, args):
 
 
 def plot(summary, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine: the JSON and CSV are the results, the plot is a convenience
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,0 +1,111 @@
+"""Each fused Triton kernel against eager PyTorch and torch.compile at DiT-XL/2 shapes, on CUDA.
+
+Reports the measured ceilings first (device-to-device copy bandwidth, bf16 GEMM rate), then per kernel
+and batch: median time (triton.testing.do_bench) and the bandwidth it achieves over the bytes the
+operation must move (attention: TFLOP/s over its FLOPs).
+
+  python bench/kernels.py --json OUT.json [--batches 32 64 128 256] [--dtype bf16]
+"""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tinyfusion.errors import Parser, UserError, cli, positive  # noqa: E402
+
+D, N, HEADS, MLP = 1152, 256, 16, 4608  # DiT-XL/2 at 256 tokens
+
+
+def bench(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def ceilings(dtype):
+    x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # 256 MiB
+    y = torch.empty_like(x)
+    copy_ms = bench(lambda: y.copy_(x))
+    a, b = torch.randn(8192, 8192, device="cuda", dtype=dtype), torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    gemm_ms = bench(lambda: a @ b)
+    return {"copy_gb_s": 2 * x.numel() / copy_ms / 1e6, "gemm_tflops": 2 * 8192**3 / gemm_ms / 1e9}
+
+
+def cases(batch, dtype):
+    from tinyfusion.kernels import ops
+
+    x = torch.randn(batch, N, D, device="cuda", dtype=dtype)
+    br = torch.randn_like(x)
+    mods = torch.randn(batch, 4 * D, device="cuda", dtype=dtype) * 0.1
+    gate, shift, scale, bias = mods[:, :D], mods[:, D:2 * D], mods[:, 2 * D:3 * D], mods[0, 3 * D:]
+    h = torch.randn(batch * N, MLP, device="cuda", dtype=dtype)
+    fc1_bias = torch.randn(MLP, device="cuda", dtype=dtype)
+    qkv = torch.randn(batch, N, 3, HEADS, D // HEADS, device="cuda", dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    el = x.element_size()
+
+    def eager_ln_mod(x, shift, scale):
+        return F.layer_norm(x, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+    def eager_res(x, br, bias, gate, shift, scale):
+        x = x + gate[:, None] * (br + bias)
+        return x, eager_ln_mod(x, shift, scale)
+
+    def eager_gelu(h, b):
+        return F.gelu(h + b, approximate="tanh")
+
+    ln_c, res_c, gelu_c = (torch.compile(f) for f in (eager_ln_mod, eager_res, eager_gelu))
+    return {
+        "adaln (LN + modulate)": (2 * x.numel() * el, {
+            "eager": lambda: eager_ln_mod(x, shift, scale), "compile": lambda: ln_c(x, shift, scale),
+            "triton": lambda: ops.ln_modulate(x, shift, scale)}),
+        "gate + residual + adaln": (4 * x.numel() * el, {
+            "eager": lambda: eager_res(x, br, bias, gate, shift, scale),
+            "compile": lambda: res_c(x, br, bias, gate, shift, scale),
+            "triton": lambda: ops.residual_ln_modulate_(x, br, bias, gate, shift, scale, 1e-6)}),
+        "bias + GELU": (2 * h.numel() * el, {
+            "eager": lambda: eager_gelu(h, fc1_bias), "compile": lambda: gelu_c(h, fc1_bias),
+            "triton": lambda: ops.bias_gelu_(h, fc1_bias)}),
+        "attention (TFLOP/s)": (-4 * batch * HEADS * N * N * (D // HEADS), {
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+            "triton": lambda: ops.flash_attention(q, k, v)}),
+    }
+
+
+@cli
+def main(argv=None):
+    p = Parser(prog="python bench/kernels.py", description=__doc__)
+    p.add_argument("--batches", type=positive(), nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "kernels.json"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise UserError("bench/kernels.py needs an NVIDIA GPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
+              "ceilings": ceilings(dtype), "kernels": []}
+    print(f"copy {result['ceilings']['copy_gb_s']:.0f} GB/s, GEMM {result['ceilings']['gemm_tflops']:.0f} TFLOP/s")
+    for batch in args.batches:
+        for name, (size, impls) in cases(batch, dtype).items():
+            row = {"kernel": name, "batch": batch}
+            for impl, fn in impls.items():
+                ms = bench(fn)
+                rate = (-size / ms / 1e9) if size < 0 else size / ms / 1e6  # TFLOP/s or GB/s
+                row[impl] = {"ms": ms, "rate": rate}
+            if size > 0:
+                row["triton_of_copy_bandwidth"] = row["triton"]["rate"] / result["ceilings"]["copy_gb_s"]
+            result["kernels"].append(row)
+            print(f"{name:<26} batch {batch:>3}: " + "  ".join(f"{k} {v['ms']:.3f} ms ({v['rate']:.0f})"
+                  for k, v in row.items() if isinstance(v, dict)), flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

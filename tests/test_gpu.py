@@ -1,0 +1,84 @@
+"""GPU-only: the Triton kernels compiled for real (bf16 included) against fp32 references, and the triton
+backend against eager at DiT-XL/2 shapes. Skipped on machines without CUDA; bench/gpu_check.sh runs it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    pytest.skip("needs an NVIDIA GPU (run by bench/gpu_check.sh)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from tinyfusion import runtime  # noqa: E402
+from tinyfusion.kernels import ops  # noqa: E402
+from tinyfusion.models import DiT, DiTConfig  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def ref_ln_mod(x, shift, scale, eps=1e-6):
+    x, shift, scale = x.float(), shift.float(), scale.float()
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,n,d", [(1, 1, 32), (3, 257, 1152), (32, 256, 1152), (2, 17, 77)])
+def test_adaln_kernels(b, n, d, dtype):
+    x, branch = rand(b, n, d, dtype=dtype, scale=2.0), rand(b, n, d, dtype=dtype)
+    mods = rand(b, 4 * d, dtype=dtype, scale=0.5)
+    gate, shift, scale, bias = mods[:, :d], mods[:, d:2 * d], mods[:, 2 * d:3 * d], rand(d, dtype=dtype)
+    torch.testing.assert_close(ops.ln_modulate(x, shift, scale).float(), ref_ln_mod(x, shift, scale),
+                               rtol=TOL[dtype], atol=TOL[dtype])
+    new_x = x.float() + gate.float()[:, None] * (branch.float() + bias.float())
+    want = ref_ln_mod(new_x, shift, scale)
+    ops.residual_ln_modulate_(x, branch, bias, gate, shift, scale, 1e-6)
+    torch.testing.assert_close(x.float(), new_x, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(branch.float(), want, rtol=TOL[dtype], atol=TOL[dtype] * 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ln_modulate_backward(dtype):
+    x = rand(4, 256, 1152, dtype=dtype).requires_grad_()
+    shift, scale = rand(4, 1152, dtype=dtype).requires_grad_(), rand(4, 1152, dtype=dtype, scale=0.5).requires_grad_()
+    dy = rand(4, 256, 1152, dtype=dtype)
+    got = torch.autograd.grad(ops.ln_modulate(x, shift, scale), (x, shift, scale), dy)
+    ref = [t.detach().float().requires_grad_() for t in (x, shift, scale)]
+    want = torch.autograd.grad(ref_ln_mod(*ref), ref, dy.float())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, rtol=TOL[dtype] * 4, atol=TOL[dtype] * 4 * max(1.0, w.abs().max().item() / 10))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_gelu(dtype):
+    h, bias = rand(8 * 256, 4608, dtype=dtype, scale=3.0), rand(4608, dtype=dtype)
+    want = F.gelu(h.float() + bias.float(), approximate="tanh")
+    ops.bias_gelu_(h, bias)
+    torch.testing.assert_close(h.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d", [(256, 72), (257, 72), (1024, 64), (33, 64)])
+def test_flash_attention(n, d, dtype):
+    qkv = rand(2, n, 3, 16, d, dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2)
+    torch.testing.assert_close(ops.flash_attention(q, k, v).float(), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backend_matches_eager_at_dit_xl_width(dtype):
+    torch.manual_seed(0)
+    model = DiT(DiTConfig(depth=4, hidden_size=1152, num_heads=16, patch_size=2, input_size=32, in_channels=4,
+                          num_classes=1000))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x, t, y = torch.randn(8, 4, 32, 32), torch.randint(0, 1000, (8,)), torch.randint(0, 1000, (8,))
+    want = model.cuda()(x.cuda(), t.cuda(), y.cuda()).float()
+    rt = runtime.load(model, "triton", "cuda", dtype)
+    got = rt(x.cuda().to(dtype), t.cuda(), y.cuda()).float()
+    cos = F.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
+    assert cos > (0.99999 if dtype == torch.float32 else 0.999), cos
