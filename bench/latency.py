@@ -197,7 +197,7 @@ def backend_result(backend, args, gflops, medians, runtimes):
                                   "median_ms": medians[backend, "width"],
                                   "params_m": sum(p.numel() for p in rt.parameters()) / 1e6,
                                   "speedup": medians[backend, top] / medians[backend, "width"]}
-    if args.profile:
+    if args.profile and backend not in ("onnxruntime", "tensorrt"):  # torch.profiler cannot see inside an engine
         result["profile"] = profile(backend, args, top)
     return result
 
