@@ -12,6 +12,7 @@ OUT=${OUT:-bench/results/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_INTERPRET=0  # compiled kernels (tests/conftest.py would otherwise choose the interpreter)
 $PY -c "import json, torch, triton, datetime; print(json.dumps({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'triton': triton.__version__, 'date': datetime.date.today().isoformat()}))" > "$OUT/device.json"
 cat "$OUT/device.json"
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"

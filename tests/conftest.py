@@ -2,9 +2,13 @@ import os
 import subprocess
 import sys
 
-import torch
+# Triton kernels run in the interpreter on the CPU. It must be set before triton is first imported
+# (torch.compile imports it), so here, for the whole session; bench/gpu_check.sh sets it to 0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tinyfusion.models import DiT, DiTConfig
+import torch  # noqa: E402
+
+from tinyfusion.models import DiT, DiTConfig  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(min(2, torch.get_num_threads()))
