@@ -1,7 +1,13 @@
-"""Sample a class-conditional grid: `python -m tinyfusion.sample [--ckpt PATH] --out grid.png`.
+"""Sample a class-conditional grid, or many samples into an ADM-format .npz.
 
-One row per class, --per-class columns. Models on 1- or 3-channel images are shown directly; latent
-models (4 channels) need --vae, a local diffusers AutoencoderKL folder, to decode.
+  python -m tinyfusion.sample [--ckpt PATH] --out grid.png
+  torchrun --nproc_per_node=K -m tinyfusion.sample --ckpt PATH --num-samples 50000 --npz OUT.npz
+
+Grid: one row per class, --per-class columns. .npz: class labels spread uniformly, each rank writing its
+chunks to OUT.npz.parts/ (kept on a rerun: resumable), rank 0 packing `arr_0` (uint8 NHWC RGB, as the
+ADM evaluator reads it) and `arr_1` (labels); the result does not depend on the number of ranks. Models
+on 1- or 3-channel images are written directly; latent models (4 channels) need --vae, a local diffusers
+AutoencoderKL folder, to decode.
 """
 
 import torch
@@ -36,6 +42,30 @@ def parse_classes(text, num_classes):
     return classes
 
 
+def sample_npz(args, model, settings, vae):
+    from . import distributed
+    from .bulk_sampling import pack_npz, sample_to_npz
+
+    rank, world, device = distributed.setup()
+    try:
+        decode = None
+        if vae is not None:
+            from .data.vae import decode as vae_decode
+
+            vae = vae.to(device)
+            decode = lambda z: torch.cat([vae_decode(vae, c.to(device)).cpu() for c in z.split(8)])  # noqa: E731
+        rt = runtime.load(model, args.backend, device=device)
+        kept = sample_to_npz(rt, args.num_samples, settings, args.batch_size, args.npz, rank, world, decode,
+                             progress=rank == 0)
+        distributed.barrier()
+        if rank == 0:
+            shape = pack_npz(args.npz, args.num_samples, args.batch_size)
+            print(f"wrote {args.npz}: arr_0 {shape} uint8 ({settings['name']} {settings['steps']} steps, "
+                  f"cfg {settings['cfg_scale']}; {world} ranks, {kept} chunks of rank 0 kept from an earlier run)")
+    finally:
+        distributed.cleanup()
+
+
 @cli
 def main(argv=None):
     from PIL import Image
@@ -49,12 +79,15 @@ def main(argv=None):
     p.add_argument("--classes", help="comma-separated class ids (default: the first 10)")
     p.add_argument("--upscale", type=positive(), default=4, help="nearest-neighbour zoom of each image")
     p.add_argument("--vae", help="local diffusers AutoencoderKL folder, to decode latent models")
+    p.add_argument("--num-samples", type=positive(), help="with --npz: how many samples")
+    p.add_argument("--npz", help="write --num-samples samples to this ADM-format .npz instead of a grid")
     add_sampler_args(p)
     args = p.parse_args(argv)
     settings = sampler_settings(args)
-    writable_file(args.out)
+    if (args.npz is None) != (args.num_samples is None):
+        raise UserError("--npz and --num-samples go together")
+    writable_file(args.npz or args.out)
     model = checkpoint.load(args.ckpt)
-    classes = parse_classes(args.classes, model.config.num_classes)
     vae = None
     if model.config.in_channels not in (1, 3):
         if not args.vae:
@@ -62,6 +95,9 @@ def main(argv=None):
         from .data.vae import load_vae
 
         vae = load_vae(args.vae)
+    if args.npz:
+        return sample_npz(args, model, settings, vae)
+    classes = parse_classes(args.classes, model.config.num_classes)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     images = sample_batched(runtime.load(model, args.backend), labels, settings, args.batch_size)
     if vae is not None:

@@ -1,0 +1,65 @@
+"""`python -m tinyfusion.sample --num-samples N --npz OUT`: ADM layout, 2 gloo ranks equal 1, resume."""
+import os
+
+import numpy as np
+import pytest
+
+from conftest import assert_one_line_error, run_main, run_module, tiny_dit
+from tinyfusion import save
+from tinyfusion.bulk_sampling import spread_labels
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("m") / "tiny.safetensors")
+    save(tiny_dit(depth=2, in_channels=3, num_classes=4), path, source="tiny")
+    return path
+
+
+def args(ckpt, out):
+    return ["--ckpt", ckpt, "--num-samples", "22", "--npz", out, "--steps", "3", "--batch-size", "4",
+            "--sampler", "ddpm"]
+
+
+def test_two_ranks_write_the_npz_of_one_and_numpy_reads_it_as_adm_does(ckpt, tmp_path):
+    one = run_module(["-m", "tinyfusion.sample", *args(ckpt, str(tmp_path / "one.npz"))])
+    assert one.returncode == 0, one.stderr
+    two = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561", "-m",
+                      "tinyfusion.sample", *args(ckpt, str(tmp_path / "two.npz"))])
+    assert two.returncode == 0, two.stderr
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert a["arr_0"].shape == (22, 8, 8, 3) and a["arr_0"].dtype == np.uint8  # NHWC, as the ADM tools expect
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert np.bincount(a["arr_1"]).tolist() == [6, 6, 5, 5]  # spread uniformly over the classes
+    assert a["arr_0"].std() > 0
+
+
+def test_resume_keeps_finished_chunks(ckpt, tmp_path, capsys):
+    from tinyfusion.sample import main
+
+    out = str(tmp_path / "s.npz")
+    code, _, err = run_main(main, args(ckpt, out), capsys)
+    assert code == 0, err
+    first = np.load(out)["arr_0"]
+    parts = out + ".parts"
+    kept = os.path.join(parts, "chunk000001.npz")
+    stamp = os.stat(kept).st_mtime_ns
+    os.remove(os.path.join(parts, "chunk000003.npz"))  # as if killed before chunk 3 was written
+    os.remove(out)
+    code, stdout, err = run_main(main, args(ckpt, out), capsys)
+    assert code == 0, err
+    assert "5 chunks of rank 0 kept" in stdout and os.stat(kept).st_mtime_ns == stamp
+    assert np.array_equal(np.load(out)["arr_0"], first)
+
+
+def test_spread_labels_is_balanced_and_seeded():
+    a = spread_labels(1000, 10, seed=3)
+    assert np.bincount(a.numpy()).tolist() == [100] * 10
+    assert a.tolist() == spread_labels(1000, 10, seed=3).tolist() != spread_labels(1000, 10, seed=4).tolist()
+
+
+def test_npz_needs_num_samples(ckpt, tmp_path, capsys):
+    from tinyfusion.sample import main
+
+    code, _, err = run_main(main, ["--ckpt", ckpt, "--npz", str(tmp_path / "x.npz")], capsys)
+    assert_one_line_error(code, err, "--npz and --num-samples go together")
