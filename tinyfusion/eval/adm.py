@@ -1,0 +1,80 @@
+"""The ADM evaluator's protocol (openai/guided-diffusion `evaluations/evaluator.py`) without TensorFlow:
+the sample/reference .npz format, Inception Score, and batched k-NN precision/recall that scale to
+50,000 x 10,000 feature sets. FID and sFID are `stats.frechet_distance` over pool and spatial features.
+
+Still to come (issue 9): the FID Inception-v3 network that produces the pool, spatial and logit
+features from a local weights file, and the `evaluate --ref --samples` CLI over it.
+"""
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+
+def read_images(path, resolution=None):
+    """arr_0 of an ADM-format .npz: uint8 (N, H, W, 3). Anything else is a one-line UserError."""
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable .npz ({e})") from None
+    if "arr_0" not in data:
+        raise UserError(f"{path}: no arr_0 (ADM batches keep their images in arr_0); keys: {sorted(data.keys())}")
+    images = data["arr_0"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"{path}: arr_0 is {images.dtype} {images.shape}; expected uint8 (N, H, W, 3), NHWC RGB")
+    if resolution is not None and images.shape[1:3] != (resolution, resolution):
+        raise UserError(f"{path}: images are {images.shape[1]}x{images.shape[2]}, the other batch's are "
+                        f"{resolution}x{resolution}")
+    return images
+
+
+def reference_stats(path):
+    """Precomputed (mu, sigma, mu_s, sigma_s) of an ADM reference batch, or None when it has none."""
+    data = np.load(path)
+    if "mu" not in data:
+        return None
+    return data["mu"], data["sigma"], data["mu_s"], data["sigma_s"]
+
+
+def inception_score(probs, split_size=5000):
+    """exp(E_x KL(p(y|x) || p(y))) per split of split_size samples, averaged (ADM / improved-GAN)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    scores = []
+    for i in range(0, len(probs), split_size):
+        part = probs[i:i + split_size]
+        kl = part * (np.log(part + 1e-30) - np.log(part.mean(0, keepdims=True) + 1e-30))
+        scores.append(np.exp(kl.sum(1).mean()))
+    return float(np.mean(scores))
+
+
+def _sq_dists(a, b):
+    return (a.pow(2).sum(1)[:, None] - 2 * a @ b.T + b.pow(2).sum(1)[None]).clamp_min_(0)
+
+
+def knn_radii(features, k=3, batch=10000):
+    """Squared distance of each point to its k-th nearest neighbour (the point itself excluded)."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    out = torch.empty(len(x))
+    for i in range(0, len(x), batch):
+        out[i:i + batch] = _sq_dists(x[i:i + batch], x).kthvalue(k + 1, dim=1).values
+    return out
+
+
+def _inside(points, centers, radii, batch):
+    """For each point: is it inside some center's ball?"""
+    inside = torch.zeros(len(points), dtype=torch.bool)
+    for i in range(0, len(points), batch):
+        for j in range(0, len(centers), batch):
+            d = _sq_dists(points[i:i + batch], centers[j:j + batch])
+            inside[i:i + batch] |= (d <= radii[None, j:j + batch]).any(1)
+    return inside
+
+
+def precision_recall(ref, sample, k=3, batch=10000):
+    """ADM's improved precision/recall (k = 3): samples inside the reference manifold, and the converse."""
+    ref = torch.as_tensor(np.asarray(ref), dtype=torch.float32)
+    sample = torch.as_tensor(np.asarray(sample), dtype=torch.float32)
+    r_ref, r_sample = knn_radii(ref, k, batch), knn_radii(sample, k, batch)
+    precision = _inside(sample, ref, r_ref, batch).double().mean().item()
+    recall = _inside(ref, sample, r_sample, batch).double().mean().item()
+    return precision, recall
