@@ -50,3 +50,75 @@ def test_reference_stats_read_when_present(tmp_path):
     assert sigma.shape == (3, 3) and mu_s.tolist() == [1, 1]
     np.savez(tmp_path / "plain.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
     assert adm.reference_stats(str(tmp_path / "plain.npz")) is None
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A generated state dict in pytorch-fid's key layout (random weights: the shapes and keys are the test)."""
+    import torch
+
+    from tinyfusion.eval.inception import FIDInception
+
+    torch.manual_seed(0)
+    model = FIDInception()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so eval mode is really exercised
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def test_inception_shapes_and_standard_keys(inception_weights):
+    import torch
+
+    from tinyfusion.eval.inception import load_inception
+
+    model = load_inception(inception_weights)
+    keys = set(model.state_dict())
+    assert {"Conv2d_1a_3x3.conv.weight", "Mixed_6d.branch1x1.bn.running_var", "Mixed_7c.branch3x3dbl_3b.conv.weight",
+            "fc.weight", "fc.bias"} <= keys
+    # torchvision's Inception3 (27,161,264) without AuxLogits (3,326,696), with 1008 classes (+16,392)
+    assert sum(p.numel() for p in model.parameters()) == 23_850_960
+    pool, spatial, logits = model(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))
+    assert pool.shape == (2, 2048) and spatial.shape == (2, 17 * 17 * 7) and logits.shape == (2, 1008)
+
+
+def test_wrong_weights_are_one_line_errors(tmp_path, inception_weights):
+    import torch
+
+    from tinyfusion.eval.inception import load_inception
+
+    with pytest.raises(UserError, match="no Inception weights"):
+        load_inception(str(tmp_path / "missing.pth"))
+    state = torch.load(inception_weights, weights_only=True)
+    state["extra.weight"] = state.pop("fc.weight")
+    torch.save(state, tmp_path / "renamed.pth")
+    with pytest.raises(UserError, match="not FID Inception weights"):
+        load_inception(str(tmp_path / "renamed.pth"))
+
+
+def test_evaluate_cli_on_npz_batches(tmp_path, inception_weights, capsys):
+    import json
+
+    from conftest import assert_one_line_error, run_main
+    from tinyfusion.evaluate import main
+
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    np.savez(tmp_path / "same.npz", arr_0=ref)
+    np.savez(tmp_path / "dark.npz", arr_0=(ref // 4).astype(np.uint8))
+    np.savez(tmp_path / "small.npz", arr_0=ref[:, :16, :16])
+    base = ["--ref", str(tmp_path / "ref.npz"), "--inception", inception_weights, "--batch-size", "10"]
+    code, out, err = run_main(main, base + ["--samples", str(tmp_path / "same.npz"), "--json", str(tmp_path / "m.json")], capsys)
+    assert code == 0, err
+    same = json.loads((tmp_path / "m.json").read_text())
+    assert abs(same["fid"]) < 1e-6 and abs(same["sfid"]) < 1e-6 and same["precision"] == same["recall"] == 1.0
+    assert (tmp_path / "ref.npz.tinyfusion-stats.npz").exists()  # cached beside the reference
+    code, out, err = run_main(main, base + ["--samples", str(tmp_path / "dark.npz")], capsys)
+    assert code == 0, err
+    assert "FID" in out
+    code, _, err = run_main(main, base + ["--samples", str(tmp_path / "small.npz")], capsys)
+    assert_one_line_error(code, err, "16x16")

@@ -1,15 +1,26 @@
-"""Evaluate a digits model: `python -m tinyfusion.evaluate [--ckpt PATH] [--samples N] [--json OUT]`.
+"""Evaluate a digits model, or a sample batch against a reference batch with the ADM protocol.
 
-Samples N class-conditional digits (N/10 per class), then reports class accuracy (the shipped digits
-classifier), digits-FID in its penultimate features beside the real-vs-real floor (both averaged over
-random half splits of the real set), and k-NN precision/recall. With no --ckpt it evaluates the
+  python -m tinyfusion.evaluate [--ckpt PATH] [--samples N] [--json OUT]
+  python -m tinyfusion.evaluate --ref REF.npz --samples OUT.npz --inception WEIGHTS [--json OUT]
+
+Digits: samples N class-conditional digits (N/10 per class), then reports class accuracy (the shipped
+digits classifier), digits-FID in its penultimate features beside the real-vs-real floor (both averaged
+over random half splits of the real set), and k-NN precision/recall. With no --ckpt it evaluates the
 shipped teacher.
+
+ADM: FID, sFID, Inception Score, precision and recall (k = 3) of an ADM-format .npz (`arr_0` uint8
+NHWC, as `python -m tinyfusion.sample --npz` writes) against a reference batch such as ADM's
+VIRTUAL_imagenet256_labeled.npz, with the FID Inception-v3 from a local weights file (pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth; default $TINYFUSION_INCEPTION). The reference statistics are
+cached beside the reference batch.
 """
 import json
+import os
 import time
 
 from . import checkpoint, runtime
 from .errors import Parser, UserError, cli, positive, writable_file
+from .eval.inception import WEIGHTS_NAME
 from .eval.digits_metrics import balanced_labels, digits_metrics, format_metrics
 from .sampler_args import add_sampler_args, sample_batched, sampler_settings
 
@@ -32,20 +43,44 @@ def evaluate(model, num_samples, settings, batch_size=500, splits=20):
     return metrics
 
 
+def evaluate_adm(args):
+    from .eval.adm import evaluate_npz
+
+    metrics = evaluate_npz(args.ref, args.samples, args.inception, batch_size=min(args.batch_size, 64))
+    metrics.update(ref=args.ref, samples=args.samples)
+    print(f"FID {metrics['fid']:.3f}   sFID {metrics['sfid']:.3f}   IS {metrics['inception_score']:.2f}   "
+          f"precision {metrics['precision']:.4f}   recall {metrics['recall']:.4f}   ({metrics['num_samples']} samples, "
+          f"{metrics['num_reference']} reference images)")
+    if args.json:
+        checkpoint.atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=2)))
+    return metrics
+
+
 @cli
 def main(argv=None):
     from .assets import TEACHER_PATH
 
     p = Parser(prog="python -m tinyfusion.evaluate", description=__doc__)
     p.add_argument("--ckpt", default=TEACHER_PATH, help="checkpoint (default: the shipped digits teacher)")
-    p.add_argument("--samples", type=positive(), default=1000, help="number of samples (balanced over classes)")
+    p.add_argument("--samples", default="1000",
+                   help="digits: number of samples (balanced over classes); with --ref: the sample batch .npz")
+    p.add_argument("--ref", help="ADM reference batch .npz: evaluate --samples (an .npz) against it")
+    p.add_argument("--inception", default=os.environ.get("TINYFUSION_INCEPTION",
+                                                         os.path.expanduser(f"~/.cache/tinyfusion/{WEIGHTS_NAME}")),
+                   help="FID Inception weights (with --ref)")
     p.add_argument("--splits", type=positive(), default=20, help="random real half-splits for the floor")
     p.add_argument("--json", help="write the metrics here")
     add_sampler_args(p)
     args = p.parse_args(argv)
-    settings = sampler_settings(args)
     if args.json:
         writable_file(args.json)
+    if args.ref:
+        return evaluate_adm(args)
+    try:
+        args.samples = positive()(args.samples)
+    except Exception:
+        raise UserError(f"--samples must be a positive number of digits samples, got {args.samples!r}") from None
+    settings = sampler_settings(args)
     model = checkpoint.load(args.ckpt)
     require_digits_model(model, args.ckpt)
     model = runtime.load(model, args.backend)

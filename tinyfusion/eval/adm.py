@@ -2,8 +2,7 @@
 the sample/reference .npz format, Inception Score, and batched k-NN precision/recall that scale to
 50,000 x 10,000 feature sets. FID and sFID are `stats.frechet_distance` over pool and spatial features.
 
-Still to come (issue 9): the FID Inception-v3 network that produces the pool, spatial and logit
-features from a local weights file, and the `evaluate --ref --samples` CLI over it.
+`evaluate_npz` runs the whole protocol with the FID Inception network (`inception.py`).
 """
 import numpy as np
 import torch
@@ -78,3 +77,45 @@ def precision_recall(ref, sample, k=3, batch=10000):
     precision = _inside(sample, ref, r_ref, batch).double().mean().item()
     recall = _inside(ref, sample, r_sample, batch).double().mean().item()
     return precision, recall
+
+
+def cached_reference_stats(ref_path, model, batch_size, device):
+    """(mu, sigma, mu_s, sigma_s, pool features) of the reference batch. Precomputed statistics in the
+    batch (ADM's reference batches carry them, over the whole dataset) are used as the ADM evaluator
+    does; otherwise ours are computed once and cached beside it as REF.npz.tinyfusion-stats.npz."""
+    import os
+
+    from .inception import features
+    from .stats import gaussian_stats
+
+    images = read_images(ref_path)
+    cache = ref_path + ".tinyfusion-stats.npz"
+    if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(ref_path):
+        with np.load(cache) as c:
+            return c["mu"], c["sigma"], c["mu_s"], c["sigma_s"], c["pool"]
+    pool, spatial, _ = features(model, images, batch_size, device)
+    stats = reference_stats(ref_path) or (*gaussian_stats(pool), *gaussian_stats(spatial))
+    tmp = f"{cache}.tmp{os.getpid()}.npz"
+    np.savez(tmp, mu=stats[0], sigma=stats[1], mu_s=stats[2], sigma_s=stats[3], pool=pool)
+    os.replace(tmp, cache)
+    return (*stats, pool)
+
+
+def evaluate_npz(ref_path, sample_path, inception_path, batch_size=64, device="cpu"):
+    """FID, sFID, Inception Score, precision and recall of a sample batch against a reference batch."""
+    from .inception import features, load_inception
+    from .stats import frechet_distance, gaussian_stats
+
+    model = load_inception(inception_path).to(device)
+    ref_images = read_images(ref_path)
+    samples = read_images(sample_path, resolution=ref_images.shape[1])
+    if len(samples) < 2 or len(ref_images) < 2:
+        raise UserError(f"need at least 2 images in each batch for covariances; got {len(ref_images)} reference "
+                        f"and {len(samples)} samples")
+    mu, sigma, mu_s, sigma_s, ref_pool = cached_reference_stats(ref_path, model, batch_size, device)
+    pool, spatial, probs = features(model, samples, batch_size, device)
+    precision, recall = precision_recall(ref_pool, pool)
+    return {"fid": frechet_distance(*gaussian_stats(pool), mu, sigma),
+            "sfid": frechet_distance(*gaussian_stats(spatial), mu_s, sigma_s),
+            "inception_score": inception_score(probs), "precision": precision, "recall": recall,
+            "num_samples": len(samples), "num_reference": len(ref_images)}
