@@ -122,3 +122,12 @@ def test_evaluate_cli_on_npz_batches(tmp_path, inception_weights, capsys):
     assert "FID" in out
     code, _, err = run_main(main, base + ["--samples", str(tmp_path / "small.npz")], capsys)
     assert_one_line_error(code, err, "16x16")
+
+
+def test_too_few_samples_for_statistics(tmp_path, inception_weights):
+    from tinyfusion.eval.adm import evaluate_npz
+
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((3, 16, 16, 3), np.uint8))
+    np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 16, 16, 3), np.uint8))
+    with pytest.raises(UserError, match="at least 2 images"):
+        evaluate_npz(str(tmp_path / "ref.npz"), str(tmp_path / "one.npz"), inception_weights)

@@ -63,3 +63,16 @@ def test_npz_needs_num_samples(ckpt, tmp_path, capsys):
 
     code, _, err = run_main(main, ["--ckpt", ckpt, "--npz", str(tmp_path / "x.npz")], capsys)
     assert_one_line_error(code, err, "--npz and --num-samples go together")
+
+
+def test_npz_defaults_to_the_papers_ddpm_250():
+    import argparse
+
+    from tinyfusion.sampler_args import add_sampler_args, sampler_settings
+
+    p = argparse.ArgumentParser()
+    add_sampler_args(p)
+    args = p.parse_args([])
+    assert (sampler_settings(args)["name"], sampler_settings(args)["steps"]) == ("ddim", 50)
+    assert sampler_settings(args, default="ddpm") == {**sampler_settings(args), "name": "ddpm", "steps": 250}
+    assert sampler_settings(p.parse_args(["--sampler", "ddim"]), default="ddpm")["name"] == "ddim"

@@ -83,7 +83,7 @@ def main(argv=None):
     p.add_argument("--npz", help="write --num-samples samples to this ADM-format .npz instead of a grid")
     add_sampler_args(p)
     args = p.parse_args(argv)
-    settings = sampler_settings(args)
+    settings = sampler_settings(args, default="ddpm" if args.npz else "ddim")  # --npz: the paper's DDPM 250
     if (args.npz is None) != (args.num_samples is None):
         raise UserError("--npz and --num-samples go together")
     writable_file(args.npz or args.out)

@@ -13,8 +13,9 @@ DEFAULT_SETTINGS = {"name": "ddim", "steps": DEFAULT_STEPS["ddim"], "cfg_scale":
 
 def add_sampler_args(p):
     g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
-                   help="ddim (deterministic, eta 0) or ddpm (ancestral, as the paper evaluates)")
+    g.add_argument("--sampler", choices=["ddim", "ddpm"],
+                   help="ddim (deterministic, eta 0; the default) or ddpm (ancestral, as the paper evaluates; "
+                        "the default of sample --npz)")
     g.add_argument("--steps", type=positive(), help=f"sampling steps (default: ddim {DEFAULT_STEPS['ddim']}, ddpm {DEFAULT_STEPS['ddpm']})")
     g.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 disables it")
     g.add_argument("--guidance-channels", default="all",
@@ -25,12 +26,13 @@ def add_sampler_args(p):
     add_backend_arg(g)
 
 
-def sampler_settings(args):
+def sampler_settings(args, default="ddim"):
     if args.guidance_channels not in ("all", "3"):
         raise UserError(f"--guidance-channels must be 'all' or '3', got {args.guidance_channels!r}")
     if args.cfg_scale < 1:
         raise UserError(f"--cfg-scale must be at least 1, got {args.cfg_scale}")
-    return {"name": args.sampler, "steps": args.steps or DEFAULT_STEPS[args.sampler], "cfg_scale": args.cfg_scale,
+    name = args.sampler or default
+    return {"name": name, "steps": args.steps or DEFAULT_STEPS[name], "cfg_scale": args.cfg_scale,
             "guidance_channels": args.guidance_channels, "seed": args.seed}
 
 
