@@ -8,6 +8,17 @@ import triton.language as tl
 
 
 @triton.jit
+def modulated_norm(x, m, cols, D, eps, SHIFT, SCALE):
+    """LN(x) * (1 + scale) + shift of one fp32 row (masked tail), with its mean and 1/std."""
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(m, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    shift = tl.load(SHIFT + cols, mask=m, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + cols, mask=m, other=0.0).to(tl.float32)
+    return xc * rstd * (1.0 + scale) + shift, mean, rstd
+
+
+@triton.jit
 def ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, MEAN, RSTD, tokens, D, s_shift, s_scale, eps,
                            BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -15,12 +26,8 @@ def ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, MEAN, RSTD, tokens, D, s_shift, s
     cols = tl.arange(0, BLOCK)
     m = cols < D
     x = tl.load(X + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / D
-    xc = tl.where(m, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
-    shift = tl.load(SHIFT + b * s_shift + cols, mask=m, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + b * s_scale + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(Y + row * D + cols, (xc * rstd * (1.0 + scale) + shift).to(Y.dtype.element_ty), mask=m)
+    y, mean, rstd = modulated_norm(x, m, cols, D, eps, SHIFT + b * s_shift, SCALE + b * s_scale)
+    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=m)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
@@ -63,9 +70,5 @@ def residual_ln_modulate_kernel(X, BRANCH, BIAS, GATE, SHIFT, SCALE, X_OUT, Y, t
     gate = tl.load(GATE + b * s_gate + cols, mask=m, other=0.0).to(tl.float32)
     x = x + gate * br
     tl.store(X_OUT + row * D + cols, x.to(X_OUT.dtype.element_ty), mask=m)
-    mean = tl.sum(x, axis=0) / D
-    xc = tl.where(m, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
-    shift = tl.load(SHIFT + b * s_shift + cols, mask=m, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + b * s_scale + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(Y + row * D + cols, (xc * rstd * (1.0 + scale) + shift).to(Y.dtype.element_ty), mask=m)
+    y, _, _ = modulated_norm(x, m, cols, D, eps, SHIFT + b * s_shift, SCALE + b * s_scale)
+    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=m)
