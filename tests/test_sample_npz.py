@@ -52,6 +52,32 @@ def test_resume_keeps_finished_chunks(ckpt, tmp_path, capsys):
     assert np.array_equal(np.load(out)["arr_0"], first)
 
 
+def test_sigkill_then_rerun_gives_the_uninterrupted_npz(ckpt, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    argv = ["--ckpt", ckpt, "--num-samples", "80", "--batch-size", "4", "--steps", "40", "--sampler", "ddim"]
+    whole = run_module(["-m", "tinyfusion.sample", *argv, "--npz", str(tmp_path / "whole.npz")])
+    assert whole.returncode == 0, whole.stderr
+    out = str(tmp_path / "killed.npz")
+    proc = subprocess.Popen([sys.executable, "-m", "tinyfusion.sample", *argv, "--npz", out], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out + ".parts", "chunk000002.npz")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(os.listdir(out + ".parts"))
+    assert not os.path.exists(out) and 3 <= done < 20  # killed part-way (of 20 chunks), no final file
+    again = run_module(["-m", "tinyfusion.sample", *argv, "--npz", out])
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(np.load(out)["arr_0"], np.load(tmp_path / "whole.npz")["arr_0"])
+
+
 def test_spread_labels_is_balanced_and_seeded():
     a = spread_labels(1000, 10, seed=3)
     assert np.bincount(a.numpy()).tolist() == [100] * 10
