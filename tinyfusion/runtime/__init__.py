@@ -119,8 +119,9 @@ def exported_forward(model, backend):
     else:
         c = model.config
         shapes = {"x": (c.in_channels, c.input_size, c.input_size), "t": (), "y": ()}
-        engine = tensorrt.build_engine(path, (1, 16, 512), shapes, os.path.join(folder.name, "engines"),
-                                       os.path.join(folder.name, "timing.cache"), "fp32", log=lambda _: None)
+        cache = os.path.expanduser("~/.cache/tinyfusion/tensorrt")  # safe to share: keyed by graph, GPU, version
+        engine = tensorrt.build_engine(path, (1, 16, 512), shapes, cache, os.path.join(cache, "timing.cache"),
+                                       "fp32", log=lambda _: None)
         forward = tensorrt.TensorRTForward(engine)
     forward.folder = folder  # the graph's files live as long as the forward
     return forward
