@@ -79,7 +79,7 @@ def main(argv=None):
     try:
         args.samples = positive()(args.samples)
     except Exception:
-        raise UserError(f"--samples must be a positive number of digits samples, got {args.samples!r}") from None
+        raise UserError(f"--samples must be positive (a number of digits samples), got {args.samples!r}") from None
     settings = sampler_settings(args)
     model = checkpoint.load(args.ckpt)
     require_digits_model(model, args.ckpt)
