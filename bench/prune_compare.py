@@ -244,6 +244,11 @@ def plot(summary, path_prefix):
     if rm:
         fig, ax = plt.subplots(figsize=(4.5, 3.6))
         ax.scatter([r["calibration_loss"] for r in rm], [r["digits_fid"] for r in rm])
+        if summary["rows"]:
+            ax.axhline(summary["rows"][0]["long"]["real_floor_fid"], color="gray", ls="--", lw=1,
+                       label="real-vs-real floor")
+            ax.legend(fontsize=8)
+        ax.set_yscale("log")  # collapsed masks sit 20x above the rest
         ax.set_xlabel("calibration loss right after pruning")
         ax.set_ylabel("digits-FID after short recovery")
         ax.set_title(f"Kendall tau = {summary['kendall_tau']:.2f}" if summary["kendall_tau"] is not None else "")
