@@ -161,3 +161,11 @@ def test_bad_inputs_are_one_line_errors(pruned_ckpt, tmp_path):
     r = run_tool("trt.py", "--onnx", str(truncated), "--out", str(tmp_path / "d"))
     assert_one_line_error(r.returncode, r.stderr, "not a valid ONNX model")
     assert not (tmp_path / "a" / "model.onnx").exists() and not (tmp_path / "b").exists()
+
+
+def test_parity_above_threshold_rejects_the_graph(pruned_ckpt, tmp_path):
+    out = tmp_path / "strict"
+    r = run_tool("onnx.py", "--ckpt", pruned_ckpt, "--out", str(out), "--max-abs", "1e-12")
+    assert_one_line_error(r.returncode, r.stderr, "parity above the thresholds", "model.onnx.rejected")
+    assert not (out / "model.onnx").exists() and (out / "model.onnx.rejected").exists()
+    assert json.loads((out / "parity.json").read_text())["parity"]["onnxruntime"]["batch2"]["max_abs"] > 1e-12

@@ -184,8 +184,8 @@ def check_parity(report, thresholds):
 
 def export_and_verify(model, out_dir, opset=18, precision="fp32", cfg=False, guidance_channels=None, batch=2,
                       parity_batches=(2, 5), thresholds=None, log=print):
-    """DIR/model.onnx and DIR/parity.json (onnxruntime against PyTorch). Returns the parity report; raises
-    a UserError naming the offending entries when one exceeds its threshold (the files stay for inspection)."""
+    """DIR/model.onnx and DIR/parity.json (onnxruntime against PyTorch). Returns the parity report; when an
+    entry exceeds its threshold, renames the graph to model.onnx.rejected and raises a UserError naming it."""
     thresholds = thresholds or DEFAULT_THRESHOLDS[precision]
     path = os.path.join(out_dir, "model.onnx")
     log(f"exporting {model.config.depth}-layer DiT to {path} (opset {opset}, {precision}, cfg {cfg})")
@@ -201,8 +201,10 @@ def export_and_verify(model, out_dir, opset=18, precision="fp32", cfg=False, gui
         report["parity"]["onnxruntime"] = {"skipped": str(e)}
     write_parity(out_dir, report)
     bad = check_parity(report["parity"], thresholds)
-    if bad:
-        raise UserError(f"parity above the thresholds ({'; '.join(bad)}); see {out_dir}/parity.json")
+    if bad:  # nothing downstream may take the graph for a verified one; it stays for inspection
+        os.replace(path, path + ".rejected")
+        raise UserError(f"parity above the thresholds ({'; '.join(bad)}); the graph is kept as "
+                        f"{path}.rejected, see {out_dir}/parity.json")
     return report
 
 
