@@ -9,6 +9,7 @@ the graph: the known fp16 overflow of DiT engines, and what a strongly typed Ten
 """
 import copy
 import hashlib
+import json
 import logging
 import os
 import warnings
@@ -209,8 +210,6 @@ def export_and_verify(model, out_dir, opset=18, precision="fp32", cfg=False, gui
 
 
 def write_parity(out_dir, report):
-    import json
-
     tmp = os.path.join(out_dir, f"parity.json.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
