@@ -21,9 +21,14 @@ def spread_labels(num_samples, num_classes, seed=0):
     return labels[torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))]
 
 
+def to_uint8(images):
+    """[-1, 1] -> uint8 pixel values (0..255), rounded."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8_nhwc(images):
     """[-1, 1] (N, C, H, W) -> uint8 (N, H, W, 3); 1-channel images are repeated to RGB for Inception."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = to_uint8(images)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)
     return x.permute(0, 2, 3, 1).contiguous().numpy()

@@ -21,7 +21,9 @@ def to_grid(images, rows, upscale=4):
     """(N, C, H, W) in [-1, 1] -> uint8 HxWxC grid with `rows` rows and a 1-pixel gap."""
     n, c, h, w = images.shape
     cols = n // rows
-    img = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    from .bulk_sampling import to_uint8
+
+    img = to_uint8(images)
     img = img.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
     h, w, gap = h * upscale, w * upscale, 2
     grid = torch.full((c, rows * (h + gap) - gap, cols * (w + gap) - gap), 255, dtype=torch.uint8)
