@@ -32,6 +32,7 @@ from .pruning.calibration import CalibrationSet, calibration_loss
 from .pruning.learnable import LearnableSearch, SearchConfig
 from .pruning.masks import kept_from_choices, parse_groups, parse_scheme, validate_kept
 from .pruning.plots import plot_decisions, plot_scores
+from .models.stack import block_stack
 from .pruning.surgery import prune_model
 from .runlog import RunLog
 
@@ -116,7 +117,7 @@ def run_learnable(args, model, groups, diffusion, rank, world, device, log):
 
 
 def run_baseline(args, model, groups, diffusion, calib, log):
-    depth = len(model.blocks)
+    depth = block_stack(model).depth
     k = args.target_depth or sum(n for n, _ in groups)
     if k >= depth:
         raise UserError(f"target depth {k} is not below the model's depth {depth}")

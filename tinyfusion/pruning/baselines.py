@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..models.stack import block_stack
 from .calibration import calibration_loss
 
 
@@ -15,16 +16,16 @@ def block_io_scores(model, diffusion, calib, batch_size=256):
     """Per block: mean token cosine similarity and mean squared error between its input and output."""
     model.eval()
     device = next(model.parameters()).device
-    depth = len(model.blocks)
+    stack = block_stack(model)
+    depth = stack.depth
     cos, mse, n = torch.zeros(depth, dtype=torch.float64), torch.zeros(depth, dtype=torch.float64), 0
     for x0, y, t, noise in calib.chunks(batch_size, device):
         xt = diffusion.q_sample(x0, t, noise)
-        h, c = model.embed(xt, diffusion.model_timesteps(t), y)
-        for i, block in enumerate(model.blocks):
-            out = block(h, c)
+        with stack.recording(range(depth), inputs=True) as rec:
+            model(xt, diffusion.model_timesteps(t), y)
+        for i, (h, out) in rec.items():
             cos[i] += torch.nn.functional.cosine_similarity(h, out, dim=-1).mean(-1).double().sum()
             mse[i] += ((out - h) ** 2).mean((1, 2)).double().sum()
-            h = out
         n += len(x0)
     return (cos / n).tolist(), (mse / n).tolist()
 
@@ -49,7 +50,7 @@ def fluxlite(model, diffusion, calib, k):
 
 def sensitivity(model, diffusion, calib, k, progress=None):
     """Remove one layer at a time; keep the k whose removal raises the calibration loss most."""
-    depth = len(model.blocks)
+    depth = block_stack(model).depth
     base = calibration_loss(model, diffusion, calib)
     rise = []
     for i in range(depth):

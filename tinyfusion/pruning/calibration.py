@@ -4,6 +4,7 @@ Every method is scored on the same tensors, so their calibration losses compare 
 """
 import torch
 
+from ..models.stack import block_stack
 from .surgery import fixed_mask, masked_forward
 
 
@@ -35,11 +36,11 @@ class CalibrationSet:
 
 @torch.no_grad()
 def calibration_loss(model, diffusion, calib, kept=None, batch_size=256):
-    """Mean DiT loss (eps-MSE + VB) of `model` keeping only `kept` blocks (all when None)."""
+    """Mean training loss (DiT: eps-MSE + VB; SiT: flow matching) of `model` keeping only `kept` blocks (all when None)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    depth, total = len(model.blocks), 0.0
+    depth, total = block_stack(model).depth, 0.0
     for x0, y, t, noise in calib.chunks(batch_size, device):
         mask = None if kept is None else fixed_mask(kept, depth, len(x0), device)
         terms = diffusion.training_losses(lambda xt, tt: masked_forward(model, xt, tt, y, mask), x0, t, noise)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ..checkpoint import atomic_write
 from ..data.batches import draw_step_noise
 from ..errors import UserError
+from ..models.stack import block_stack
 from .gates import MaskGates
 from .lora import apply_lora
 from .surgery import masked_forward
@@ -66,11 +67,10 @@ def prepare(model, cfg):
     """Attach the weight update; returns (net, weight params, gate params)."""
     model.requires_grad_(False)
     if cfg.delta_w == "lora":
-        weights = apply_lora(model.blocks, cfg.lora_rank, cfg.lora_alpha)
-        weights += apply_lora(model.final_layer, cfg.lora_rank, cfg.lora_alpha)
-        weights += apply_lora(model.t_embedder, cfg.lora_rank, cfg.lora_alpha)
+        weights = [p for m in block_stack(model).lora_targets() for p in apply_lora(m, cfg.lora_rank, cfg.lora_alpha)]
     elif cfg.delta_w == "full":
-        weights = [p for n, p in model.named_parameters() if n != "pos_embed"]
+        frozen = block_stack(model).frozen
+        weights = [p for n, p in model.named_parameters() if n not in frozen]
         for p in weights:
             p.requires_grad_(True)
     elif cfg.delta_w == "none":

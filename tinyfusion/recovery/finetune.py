@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..checkpoint import atomic_write
 from ..data.batches import draw_step_noise
 from ..errors import UserError
+from ..models.stack import block_stack
 from .kd import KDWeights, masked_hidden_kd, variance_kd
 
 
@@ -46,20 +47,16 @@ class FinetuneConfig:
 
 
 class Collecting(nn.Module):
-    """A DiT forward that also returns the outputs of chosen blocks (one module, so DDP syncs it)."""
+    """A forward that also returns the hidden outputs of chosen blocks (one module, so DDP syncs it)."""
 
     def __init__(self, model, layers):
         super().__init__()
         self.model, self.layers = model, list(layers)
 
     def forward(self, x, t, y, drop):
-        h, c = self.model.embed(x, t, y, force_drop_ids=drop)
-        hidden = []
-        for i, block in enumerate(self.model.blocks):
-            h = block(h, c)
-            if i in self.layers:
-                hidden.append(h)
-        return self.model.head(h, c), hidden
+        with block_stack(self.model).recording(self.layers) as rec:
+            out = self.model(x, t, y, force_drop_ids=drop)
+        return out, [rec[i][1] for i in self.layers]
 
 
 class Recovery:
@@ -73,7 +70,8 @@ class Recovery:
         self.net = Collecting(self.student, [s for s, _ in self.pairs])
         self.teacher_net = Collecting(self.teacher, [t for _, t in self.pairs]) if self.teacher is not None else None
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.net) if world > 1 else self.net
-        params = [p for n, p in self.student.named_parameters() if n != "pos_embed"]
+        frozen = block_stack(self.student).frozen
+        params = [p for n, p in self.student.named_parameters() if n not in frozen]
         self.params = params
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         self.gen = torch.Generator().manual_seed(cfg.seed)
