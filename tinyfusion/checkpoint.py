@@ -88,6 +88,10 @@ def read(path):
         raise UserError(f"{path}: not readable (permission denied)")
     with open(path, "rb") as f:
         head = f.read(16)
+    # safetensors: an 8-byte header length, then the JSON header. Checked first: that length's low byte
+    # can be 0x80, a pickle's first byte.
+    if head[8:9] == b"{":
+        return _read_safetensors(path)
     if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch.save) or a raw pickle
         return _read_pt(path)
     return _read_safetensors(path)
@@ -122,6 +126,9 @@ def infer_config(sd, info=None):
         learn_sigma=out_ch == 2 * in_ch,
         timestep_freq_shift=meta.get("timestep_freq_shift", 0),
         mlp_norm_eps=meta.get("mlp_norm_eps", 1e-6),
+        objective=meta.get("objective", "diffusion"),
+        path=meta.get("path", "linear"),
+        prediction=meta.get("prediction", "velocity"),
     )
     return cfg
 
@@ -150,14 +157,27 @@ def build_strict(cfg, sd, where="checkpoint"):
     return model
 
 
-def load(path, expect=None, **overrides):
-    """Load any supported checkpoint as a DiT in eval mode.
+OBJECTIVES = {"dit": "diffusion", "sit": "flow"}
+
+
+def load(path, expect=None, model=None, **overrides):
+    """Load any supported checkpoint as a DiT (or SiT: the same network) in eval mode.
 
     expect: an optional DiTConfig (e.g. from a model name) that the weights must agree with on depth,
-    width and patch size. overrides: config fields the file cannot tell (e.g. num_heads=...).
+    width and patch size. model: "dit" or "sit", the objective the weights are used with; a file whose
+    metadata names the other one is refused, a file without metadata (official SiT .pt) takes it.
+    overrides: config fields the file cannot tell (e.g. num_heads=...).
     """
     sd, info = read(path)
     cfg = infer_config(sd, info)
+    if model is not None:
+        said = info.get("config", {}).get("objective")
+        want = OBJECTIVES[model]
+        if said is not None and said != want:
+            names = {v: k for k, v in OBJECTIVES.items()}
+            raise UserError(f"{path} is a {names[said].upper()} checkpoint (its metadata says objective {said!r}); "
+                            f"--model {model} would use it with the {want} objective")
+        cfg.objective = want
     for k, v in overrides.items():
         setattr(cfg, k, v)
     if expect is not None:

@@ -58,10 +58,11 @@ def evaluate_adm(args):
 
 @cli
 def main(argv=None):
-    from .assets import TEACHER_PATH
+    from .assets import add_model_arg, default_teacher
 
     p = Parser(prog="python -m tinyfusion.evaluate", description=__doc__)
-    p.add_argument("--ckpt", default=TEACHER_PATH, help="checkpoint (default: the shipped digits teacher)")
+    p.add_argument("--ckpt", help="checkpoint (default: the shipped digits teacher)")
+    add_model_arg(p)
     p.add_argument("--samples", default="1000",
                    help="digits: number of samples (balanced over classes); with --ref: the sample batch .npz")
     p.add_argument("--ref", help="ADM reference batch .npz: evaluate --samples (an .npz) against it")
@@ -80,8 +81,9 @@ def main(argv=None):
         args.samples = positive()(args.samples)
     except Exception:
         raise UserError(f"--samples must be positive (a number of digits samples), got {args.samples!r}") from None
-    settings = sampler_settings(args)
-    model = checkpoint.load(args.ckpt)
+    args.ckpt = args.ckpt or default_teacher(args.model)
+    model = checkpoint.load(args.ckpt, model=args.model)
+    settings = sampler_settings(args, config=model.config)
     require_digits_model(model, args.ckpt)
     model = runtime.load(model, args.backend)
     metrics = evaluate(model, args.samples, settings, args.batch_size, args.splits)

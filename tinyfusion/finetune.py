@@ -12,6 +12,7 @@ curve and a final evaluation), loss.png, log.txt, finetune_state.pt (`--resume` 
 """
 import json
 import os
+from dataclasses import asdict
 import sys
 import time
 
@@ -19,7 +20,7 @@ import torch
 
 from . import checkpoint
 from .data.batches import make_batches
-from .diffusion import create_diffusion
+from .diffusion import create_objective
 from .distributed import cleanup, setup_run
 from .errors import Parser, UserError, cli, positive
 from .recovery.finetune import FinetuneConfig, Recovery
@@ -28,10 +29,13 @@ from .runlog import RunLog, plot_curve
 
 
 def parse_args(argv):
+    from .assets import add_model_arg
+
     p = Parser(prog="python -m tinyfusion.finetune", description=__doc__)
     p.add_argument("--ckpt", required=True, help="pruned checkpoint written by tinyfusion.prune")
     p.add_argument("--teacher", help="teacher checkpoint (default: the source named in the pruned checkpoint)")
     p.add_argument("--kd", choices=["masked", "logits", "none"], default="masked")
+    add_model_arg(p)
     o = p.add_argument_group("optimization (paper defaults)")
     o.add_argument("--steps", type=positive(), default=1000)
     o.add_argument("--global-batch-size", type=positive(), default=128)
@@ -44,8 +48,8 @@ def parse_args(argv):
     k = p.add_argument_group("distillation weights")
     k.add_argument("--alpha-kd", type=float, default=0.9, help="output KD weight")
     k.add_argument("--alpha-gt", type=float, default=0.1, help="diffusion-loss weight")
-    k.add_argument("--beta", type=float, nargs=2, default=[1e-2, 0.0], metavar=("START", "END"),
-                   help="hidden-state KD weight, linear over training")
+    k.add_argument("--beta", type=float, nargs=2, metavar=("START", "END"),
+                   help="hidden-state KD weight, linear over training (default 1e-2 0; a SiT: 2e-4 0, the paper's)")
     k.add_argument("--mask-k", type=positive(float), default=2.0, help="mask hidden values beyond k std")
     d = p.add_argument_group("data and run")
     d.add_argument("--data-path", help="latent folder; default: the digits set")
@@ -70,13 +74,14 @@ def parse_args(argv):
 
 
 def resolve_teacher(args, info):
-    from .assets import TEACHER_PATH
+    from .assets import SIT_TEACHER_PATH, TEACHER_PATH
 
     path = args.teacher or info.get("source")
     if not path:
         raise UserError(f"{args.ckpt} names no source model; give --teacher")
-    if not os.path.exists(path) and os.path.basename(path) == os.path.basename(TEACHER_PATH):
-        path = TEACHER_PATH  # pruned on another machine from the shipped teacher
+    for shipped in (TEACHER_PATH, SIT_TEACHER_PATH):
+        if not os.path.exists(path) and os.path.basename(path) == os.path.basename(shipped):
+            path = shipped  # pruned on another machine from a shipped teacher
     return path
 
 
@@ -107,24 +112,29 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_run(args.global_batch_size, args.out)
     torch.manual_seed(args.seed)
-    student = checkpoint.load(args.ckpt)
+    student = checkpoint.load(args.ckpt, model=args.model)
     info = student.provenance
     teacher, pairs = None, []
     teacher_path = resolve_teacher(args, info) if args.kd != "none" or args.teacher else None
     if teacher_path is None and info.get("source") and os.path.exists(info["source"]):
         teacher_path = info["source"]  # plain fine-tuning needs no teacher, but checks lineage when it can
     if teacher_path is not None:
-        teacher = checkpoint.load(teacher_path)
+        teacher = checkpoint.load(teacher_path, model=args.model)
+        if teacher.config.objective != student.config.objective:
+            raise UserError(f"student ({student.config.objective}) and teacher ({teacher.config.objective}) "
+                            "were trained with different objectives")
         pairs = check_lineage(args, student, teacher, info)
     if args.kd == "none":
         teacher = None
     data = make_batches(student.config, args.data_path, args.global_batch_size, args.seed, rank, world, args.num_workers)
+    if args.beta is None:
+        args.beta = [2e-4, 0.0] if student.config.objective == "flow" else [1e-2, 0.0]
     cfg = FinetuneConfig(steps=args.steps, global_batch_size=args.global_batch_size, lr=args.lr, lr_min=args.lr_min,
                          grad_clip=args.grad_clip, ema_decay=args.ema_decay, ema_warmup=not args.no_ema_warmup,
                          kd=args.kd, weights=KDWeights(args.alpha_kd, args.alpha_gt, args.beta[0], args.beta[1], args.mask_k),
                          seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
                          max_bad_steps=args.max_bad_steps)
-    diffusion = create_diffusion(learn_sigma=student.config.learn_sigma)
+    diffusion = create_objective(student.config)
     rec = Recovery(student, teacher, pairs, diffusion, data, cfg, rank, world, device)
     log = RunLog(args.out, enabled=rank == 0)
     log.write("command: " + " ".join(["python -m tinyfusion.finetune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
@@ -145,15 +155,16 @@ def main(argv=None):
     if rank == 0:
         wall = time.time() - t0
         checkpoint.save(ema, os.path.join(args.out, "recovered.safetensors"), **provenance, recovery_steps=args.steps)
-        metrics = {"kd": args.kd, "steps": args.steps, "skipped_steps": rec.skipped, "wall_seconds_this_run": round(wall, 1),
+        metrics = {"kd": args.kd, "objective": ema.config.objective, "kd_weights": asdict(cfg.weights), "steps": args.steps,
+                   "skipped_steps": rec.skipped, "wall_seconds_this_run": round(wall, 1),
                    "alignment": pairs, "loss_curve": rec.curve}
         plot_curve([(p["step"], p["loss"]) for p in rec.curve], os.path.join(args.out, "loss.png"), f"recovery loss ({args.kd})")
         c = ema.config
         if args.eval_samples > 0 and (c.in_channels, c.input_size, c.num_classes) == (1, 8, 10):
             from .evaluate import evaluate
-            from .sampler_args import DEFAULT_SETTINGS
+            from .sampler_args import default_settings
 
-            metrics["evaluation"] = evaluate(ema, args.eval_samples, DEFAULT_SETTINGS)
+            metrics["evaluation"] = evaluate(ema, args.eval_samples, default_settings(c))
             m = metrics["evaluation"]
             log.write(f"digits-FID {m['digits_fid']:.3f} (floor {m['real_floor_fid']:.3f}), class accuracy {m['class_accuracy']:.4f}")
         log.metrics(metrics)

@@ -24,7 +24,7 @@ import torch
 
 from . import checkpoint
 from .data.batches import make_batches
-from .diffusion import create_diffusion
+from .diffusion import create_objective
 from .distributed import cleanup, setup_run
 from .errors import Parser, UserError, cli, positive
 from .pruning import baselines
@@ -40,10 +40,11 @@ METHODS = ["learnable", "bi", "fluxlite", "sensitivity", "oracle", "random", "fi
 
 
 def parse_args(argv):
-    from .assets import TEACHER_PATH
+    from .assets import add_model_arg, default_teacher
 
     p = Parser(prog="python -m tinyfusion.prune", description=__doc__)
-    p.add_argument("--ckpt", default=TEACHER_PATH, help="model to prune (default: the shipped digits teacher)")
+    p.add_argument("--ckpt", help="model to prune (default: the shipped digits teacher)")
+    add_model_arg(p)
     p.add_argument("--method", default="learnable", help=f"one of: {', '.join(METHODS)}")
     g = p.add_argument_group("what to keep")
     g.add_argument("--scheme", default="1:2", help="uniform local N:M blocks (keep N of every M consecutive layers)")
@@ -75,6 +76,7 @@ def parse_args(argv):
     d.add_argument("--log-every", type=positive(), default=10)
     d.add_argument("--num-workers", type=int, default=2)
     args = p.parse_args(argv)
+    args.ckpt = args.ckpt or default_teacher(args.model)
     if args.method not in METHODS:
         raise UserError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")
     if args.resume and not args.out:
@@ -163,10 +165,10 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_run(args.global_batch_size, args.out)
     torch.manual_seed(args.seed)  # LoRA initialization: the same on every rank and in every run
-    source = checkpoint.load(args.ckpt)
+    source = checkpoint.load(args.ckpt, model=args.model)
     depth = source.config.depth
     groups = parse_groups(args.groups, depth) if args.groups else parse_scheme(args.scheme, depth)
-    diffusion = create_diffusion(learn_sigma=source.config.learn_sigma)
+    diffusion = create_objective(source.config)
     log = RunLog(args.out, enabled=rank == 0)
     log.write("command: " + " ".join(["python -m tinyfusion.prune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
     calib_data = make_batches(source.config, args.data_path, args.calib_samples, args.seed + 7919, num_workers=args.num_workers)

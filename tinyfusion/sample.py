@@ -72,10 +72,11 @@ def sample_npz(args, model, settings, vae):
 def main(argv=None):
     from PIL import Image
 
-    from .assets import TEACHER_PATH
+    from .assets import add_model_arg, default_teacher
 
     p = Parser(prog="python -m tinyfusion.sample", description=__doc__)
-    p.add_argument("--ckpt", default=TEACHER_PATH, help="checkpoint (default: the shipped digits teacher)")
+    p.add_argument("--ckpt", help="checkpoint (default: the shipped digits teacher)")
+    add_model_arg(p)
     p.add_argument("--out", default="grid.png", help="PNG to write")
     p.add_argument("--per-class", type=positive(), default=10)
     p.add_argument("--classes", help="comma-separated class ids (default: the first 10)")
@@ -85,11 +86,13 @@ def main(argv=None):
     p.add_argument("--npz", help="write --num-samples samples to this ADM-format .npz instead of a grid")
     add_sampler_args(p)
     args = p.parse_args(argv)
-    settings = sampler_settings(args, default="ddpm" if args.npz else "ddim")  # --npz: the paper's DDPM 250
     if (args.npz is None) != (args.num_samples is None):
         raise UserError("--npz and --num-samples go together")
     writable_file(args.npz or args.out)
-    model = checkpoint.load(args.ckpt)
+    args.ckpt = args.ckpt or default_teacher(args.model)
+    model = checkpoint.load(args.ckpt, model=args.model)
+    # --npz: the paper's protocol, DDPM 250 (a SiT: SDE 250)
+    settings = sampler_settings(args, default="ddpm" if args.npz else "ddim", config=model.config)
     vae = None
     if model.config.in_channels not in (1, 3):
         if not args.vae:

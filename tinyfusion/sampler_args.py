@@ -2,21 +2,29 @@
 import torch
 from tqdm import tqdm
 
-from .diffusion import DEFAULT_STEPS, sample
+from .diffusion import DEFAULT_STEPS, sample, samplers_for
 from .errors import UserError, positive
 from .runtime import add_backend_arg
 
 
-# What `sample` and `evaluate` use with no flags: DDIM 50 steps, guidance 1.5 on all channels, seed 0.
-DEFAULT_SETTINGS = {"name": "ddim", "steps": DEFAULT_STEPS["ddim"], "cfg_scale": 1.5, "guidance_channels": "all", "seed": 0}
+def default_settings(config=None):
+    """What `sample` and `evaluate` use with no flags: DDIM 50 steps (a SiT: Heun 25), guidance 1.5 on
+    all channels, seed 0."""
+    name = samplers_for(config)[0]
+    return {"name": name, "steps": DEFAULT_STEPS[name], "cfg_scale": 1.5, "guidance_channels": "all", "seed": 0}
+
+
+DEFAULT_SETTINGS = default_settings()
 
 
 def add_sampler_args(p):
     g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=["ddim", "ddpm"],
-                   help="ddim (deterministic, eta 0; the default) or ddpm (ancestral, as the paper evaluates; "
-                        "the default of sample --npz)")
-    g.add_argument("--steps", type=positive(), help=f"sampling steps (default: ddim {DEFAULT_STEPS['ddim']}, ddpm {DEFAULT_STEPS['ddpm']})")
+    g.add_argument("--sampler", choices=list(DEFAULT_STEPS),
+                   help="DiT: ddim (deterministic, eta 0; the default) or ddpm (ancestral, as the paper evaluates; "
+                        "the default of sample --npz). SiT: heun (ODE; the default), euler (ODE) or sde "
+                        "(Euler-Maruyama; the default of sample --npz)")
+    g.add_argument("--steps", type=positive(),
+                   help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     g.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 disables it")
     g.add_argument("--guidance-channels", default="all",
                    help="'all' guides every noise channel (diffusers' DiTPipeline); '3' guides the first 3 "
@@ -26,7 +34,14 @@ def add_sampler_args(p):
     add_backend_arg(g)
 
 
-def sampler_settings(args, default="ddim"):
+def sampler_settings(args, default=None, config=None):
+    """Settings from the flags; `default` names the sampler to use when --sampler is not given (DiT
+    names; a flow model maps ddim -> heun and ddpm -> sde). The sampler must fit config's objective."""
+    allowed = samplers_for(config)
+    default = {"ddim": allowed[0], "ddpm": allowed[-1]}.get(default or "ddim", default)
+    if args.sampler and args.sampler not in allowed:
+        kind = "a SiT (flow matching)" if "heun" in allowed else "a DiT (Gaussian diffusion)"
+        raise UserError(f"--sampler {args.sampler} does not fit {kind} model; choose {', '.join(allowed)}")
     if args.guidance_channels not in ("all", "3"):
         raise UserError(f"--guidance-channels must be 'all' or '3', got {args.guidance_channels!r}")
     if args.cfg_scale < 1:

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint
-from .diffusion import create_diffusion
+from .diffusion import create_objective
 from .distributed import cleanup, setup_run
 from .errors import Parser, UserError, cli, positive
 from .models import DiT, DiTConfig, config_from_name
@@ -28,13 +28,22 @@ PRESETS = {
         config=DiTConfig(depth=12, hidden_size=128, patch_size=2, num_heads=4, input_size=8, in_channels=1, num_classes=10),
         steps=5000, global_batch_size=128, lr=5e-4, ema_decay=0.999, warmup=200, name="digits-teacher",
     ),
+    # The SiT teacher: the same network and recipe, trained with linear-path velocity flow matching.
+    "digits-sit": dict(
+        config=DiTConfig(depth=12, hidden_size=128, patch_size=2, num_heads=4, input_size=8, in_channels=1, num_classes=10,
+                         learn_sigma=False, objective="flow"),
+        steps=5000, global_batch_size=128, lr=5e-4, ema_decay=0.999, warmup=200, name="digits-sit-teacher",
+    ),
 }
 
 
 def parse_args(argv):
     p = Parser(prog="python -m tinyfusion.train", description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a complete recipe; flags given explicitly override it")
-    p.add_argument("--model", help="DiT-{S,B,L,XL}/{2,4,8}, or DiT-XL-D14/2 for another depth (latent training)")
+    p.add_argument("--model", help="DiT-{S,B,L,XL}/{2,4,8}, or DiT-XL-D14/2 for another depth; SiT-XL/2 etc. train "
+                                    "the same network with flow matching (latent training)")
+    p.add_argument("--path", choices=["linear", "gvp"], help="SiT interpolant (default linear)")
+    p.add_argument("--prediction", choices=["velocity", "noise", "score"], help="SiT target (default velocity)")
     p.add_argument("--depth", type=positive(), help="override the model's depth")
     p.add_argument("--data-path", help="folder of pre-extracted latents (<name>_features/, <name>_labels/)")
     p.add_argument("--image-size", type=positive(), default=256, help="image size the latents come from (latent = size/8)")
@@ -70,6 +79,11 @@ def parse_args(argv):
         raise UserError("give --preset digits, or --model and --data-path for latent training")
     if args.depth:
         args.config.depth = args.depth
+    for key in ("path", "prediction"):
+        if getattr(args, key):
+            if args.config.objective != "flow":
+                raise UserError(f"--{key} applies to SiT (flow matching) models only")
+            setattr(args.config, key, getattr(args, key))
     return args
 
 
@@ -93,7 +107,7 @@ def main(argv=None):
     model = DiT(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    diffusion = create_diffusion(learn_sigma=cfg.learn_sigma)
+    diffusion = create_objective(cfg)
     start, curve = 0, []
     if args.resume:
         state = torch.load(state_path, map_location=device, weights_only=True)
@@ -104,7 +118,7 @@ def main(argv=None):
         torch.set_rng_state(state["rng"])
         data_state = state["data"]
     local_batch = args.global_batch_size // world
-    if args.preset == "digits":
+    if args.preset in ("digits", "digits-sit"):
         data = DigitsBatches(args.global_batch_size, args.seed, rank, world)
     else:
         data = LatentBatches(args.data_path, local_batch, args.seed, rank, world, cfg.num_classes, args.num_workers,

@@ -114,3 +114,46 @@ def sample_sde(velocity_fn, x0, path="linear", steps=250, t_eps=1e-3, generator=
             progress.update(1)
     t = ts[-1].expand(len(x))
     return x + (1 - ts[-1]) * velocity_fn(x, t)
+
+
+class FlowObjective:
+    """Flow matching behind the interface the trainers use for GaussianDiffusion, so that the search,
+    the baselines, calibration and Masked KD run a SiT unchanged.
+
+    The shared machinery draws integer timesteps in [0, num_timesteps); bin i maps to the continuous
+    time at its centre inside [t_eps, 1 - t_eps], which is what the network sees (SiT feeds t in [0, 1]
+    to the timestep embedder). The network's extra learned-sigma channels, when it has them, are ignored.
+    """
+
+    learned_variance = False
+
+    def __init__(self, path="linear", prediction="velocity", num_timesteps=1000, t_eps=1e-5):
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; choose from {', '.join(PATHS)}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
+        self.path, self.prediction, self.num_timesteps, self.t_eps = path, prediction, num_timesteps, t_eps
+
+    def model_timesteps(self, t):
+        return (t.float() + 0.5) / self.num_timesteps * (1 - 2 * self.t_eps) + self.t_eps
+
+    def q_sample(self, x1, t, noise):
+        return interpolate(self.path, x1, noise, self.model_timesteps(t))[0]
+
+    def training_losses(self, model_fn, x1, t, noise=None):
+        noise = torch.randn_like(x1) if noise is None else noise
+        tc = self.model_timesteps(t)
+        x_t, _ = interpolate(self.path, x1, noise, tc)
+        output = model_fn(x_t, tc)
+        pred = output[:, : x1.shape[1]]
+        mse = ((pred - target(self.path, self.prediction, x1, noise, tc)) ** 2).flatten(1).mean(1)
+        return {"mse": mse, "loss": mse, "output": output, "x_t": x_t}
+
+
+def create_objective(config):
+    """The training objective a model config names: DiT's Gaussian diffusion or SiT's flow matching."""
+    from .gaussian import create_diffusion
+
+    if getattr(config, "objective", "diffusion") == "flow":
+        return FlowObjective(config.path, config.prediction)
+    return create_diffusion(learn_sigma=config.learn_sigma)

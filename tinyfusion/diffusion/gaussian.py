@@ -72,6 +72,7 @@ class GaussianDiffusion:
         self.betas = betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(betas)
         self.learn_sigma = learn_sigma
+        self.learned_variance = learn_sigma
         # Respaced processes call the model with the original timestep indices.
         self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)
         alphas = 1.0 - betas

@@ -1,9 +1,18 @@
 """DDPM (ancestral) and DDIM sampling loops, with classifier-free guidance."""
 import torch
 
+from . import flow
 from .gaussian import _gather, create_diffusion
 
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50}
+# Heun's 25 steps cost 49 network calls, about DDIM-50's 50.
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "heun": 25, "euler": 50, "sde": 250}
+DIFFUSION_SAMPLERS = ("ddim", "ddpm")
+FLOW_SAMPLERS = ("heun", "euler", "sde")
+
+
+def samplers_for(config):
+    """The samplers that fit a model's objective, the default first."""
+    return FLOW_SAMPLERS if getattr(config, "objective", "diffusion") == "flow" else DIFFUSION_SAMPLERS
 
 
 def cfg_model_fn(model, labels, cfg_scale, null_label, guidance_channels=None):
@@ -50,18 +59,35 @@ def ddim_loop(diffusion, model_fn, x, eta=0.0, generator=None, progress=None):
 
 def sample(model, labels, shape, sampler="ddim", steps=None, cfg_scale=1.5, guidance_channels=None,
            seed=0, eta=0.0, progress=None):
-    """Class-conditional samples (N, C, H, W) from any DiT-like model (forward and forward_with_cfg)."""
-    if sampler not in DEFAULT_STEPS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
+    """Class-conditional samples (N, C, H, W) from any DiT- or SiT-like model (forward and forward_with_cfg)."""
+    allowed = samplers_for(model.config)
+    if sampler not in allowed:
+        kind = "flow-matching (SiT)" if allowed is FLOW_SAMPLERS else "diffusion (DiT)"
+        raise ValueError(f"sampler {sampler!r} does not fit a {kind} model; choose {', '.join(allowed)}")
     steps = steps or DEFAULT_STEPS[sampler]
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
-    learn_sigma = model.config.learn_sigma
-    diffusion = create_diffusion(str(steps), learn_sigma=learn_sigma)
     device = labels.device
     generator = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn((len(labels), *shape), generator=generator, device=device)
     fn = cfg_model_fn(model, labels, cfg_scale, model.config.num_classes, guidance_channels)
+    if allowed is FLOW_SAMPLERS:
+        return flow_sample(model.config, fn, x, sampler, steps, generator, progress)
+    diffusion = create_diffusion(str(steps), learn_sigma=model.config.learn_sigma)
     loop = ddim_loop if sampler == "ddim" else ddpm_loop
     kwargs = {"eta": eta} if sampler == "ddim" else {}
     return loop(diffusion, fn, x, generator=generator, progress=progress, **kwargs)
+
+
+def flow_sample(config, fn, x0, sampler, steps, generator=None, progress=None):
+    """ODE (Heun, Euler) or SDE sampling of a flow model from noise x0; any prediction type."""
+    c, path, prediction = x0.shape[1], config.path, config.prediction
+
+    def velocity(x, t):
+        # noise and score predictions are singular at t = 0 (alpha = 0): read them just after it
+        tt = t if prediction == "velocity" else t.clamp(min=1e-3)
+        return flow.to_velocity(path, prediction, fn(x, tt)[:, :c], x, tt)
+
+    if sampler == "sde":
+        return flow.sample_sde(velocity, x0, path, steps, generator=generator, progress=progress)
+    return flow.sample_ode(velocity, x0, steps, sampler, progress=progress)

@@ -28,6 +28,10 @@ class DiTConfig:
     learn_sigma: bool = True
     timestep_freq_shift: int = 0
     mlp_norm_eps: float = 1e-6
+    # The objective the weights were trained with: "diffusion" (DiT) or "flow" (SiT: same network).
+    objective: str = "diffusion"
+    path: str = "linear"  # flow only: linear or gvp interpolant
+    prediction: str = "velocity"  # flow only: velocity, noise or score
 
     def to_dict(self):
         return asdict(self)
@@ -39,16 +43,20 @@ HEADS_BY_WIDTH = {w: h for w, h, _ in FAMILY.values()}
 
 
 def config_from_name(name: str, **overrides) -> DiTConfig:
-    """'DiT-XL/2', 'DiT-S/4', or 'DiT-XL-D14/2' (any depth). Raises ValueError on unknown names."""
+    """'DiT-XL/2', 'DiT-S/4', 'DiT-XL-D14/2' (any depth), or 'SiT-XL/2'. Raises ValueError on unknown names."""
+    sit = name.startswith("SiT-")
     try:
-        body, patch = name.removeprefix("DiT-").split("/")
+        body, patch = name.removeprefix("SiT-" if sit else "DiT-").split("/")
         size, _, depth = body.partition("-D")
         width, heads, default_depth = FAMILY[size]
         cfg = DiTConfig(depth=int(depth or default_depth), hidden_size=width, num_heads=heads, patch_size=int(patch))
     except (ValueError, KeyError):
-        raise ValueError(f"unknown model name {name!r}; expected DiT-{{S,B,L,XL}}/{{2,4,8}}, optionally DiT-XL-D14/2") from None
+        raise ValueError(f"unknown model name {name!r}; expected DiT-{{S,B,L,XL}}/{{2,4,8}}, optionally DiT-XL-D14/2, "
+                         "or the same with SiT-") from None
     if cfg.patch_size not in (2, 4, 8):
         raise ValueError(f"unknown model name {name!r}: patch size must be 2, 4 or 8")
+    if sit:  # SiT is the DiT network trained with flow matching (official checkpoints keep learn_sigma)
+        cfg.objective = "flow"
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

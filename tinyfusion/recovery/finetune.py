@@ -119,7 +119,7 @@ class Recovery:
             t_out, t_hidden = self.teacher_net(terms["x_t"], self.diffusion.model_timesteps(t), y, drop)
         s_out, c = terms["output"], x.shape[1]
         kd = ((s_out[:, :c] - t_out[:, :c]) ** 2).mean(dim=list(range(1, x.ndim)))
-        if s_out.shape[1] == 2 * c:
+        if self.diffusion.learned_variance and s_out.shape[1] == 2 * c:
             kd = kd + variance_kd(self.diffusion, s_out, t_out, terms["x_t"], t)
         parts["output_kd"] = kd.mean()
         loss = w.alpha_kd * parts["output_kd"] + w.alpha_gt * parts["diffusion"]
