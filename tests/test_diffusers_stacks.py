@@ -140,3 +140,69 @@ def test_bad_models_and_folders(tmp_path):
     unet.save_pretrained(tmp_path / "unet")
     with pytest.raises(UserError, match="has no block-stack adapter"):
         load_folder(str(tmp_path / "unet"))
+
+
+class RandomLatents:
+    """Seeded latent batches with prompt-row labels (the data interface the search reads)."""
+
+    def __init__(self, shape, rows, batch=8, seed=0):
+        self.g, self.shape, self.rows, self.batch = torch.Generator().manual_seed(seed), shape, rows, batch
+
+    def next(self):
+        return torch.randn(self.batch, *self.shape, generator=self.g), torch.randint(0, self.rows, (self.batch,), generator=self.g)
+
+    def state(self):
+        return self.g.get_state()
+
+    def load_state(self, s):
+        self.g.set_state(s)
+
+
+def bank(rows=4, tokens=5, width=12, pooled=10, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return {"encoder_hidden_states": torch.randn(rows + 1, tokens, width, generator=g),
+            "pooled_projections": torch.randn(rows + 1, pooled, generator=g)}
+
+
+DENOISERS = {
+    "dit": (tied_dit, (4, 8, 8), "diffusion", [[1, 2], [1, 2]]),
+    "pixart": (pixart, (4, 8, 8), "diffusion", [[2, 4]]),
+    "sd3": (sd3, (4, 8, 8), "flow", [[1, 2], [1, 2]]),
+    "flux": (flux, (2, 8, 8), "flow", [[1, 2], [2, 4]]),  # 2 channels packed 2x2 = Flux's 8 input features
+}
+
+
+@pytest.mark.parametrize("name", sorted(DENOISERS))
+def test_learnable_search_and_baselines_run_on_diffusers_stacks(tmp_path, name):
+    from tinyfusion.diffusion import create_objective, sample
+    from tinyfusion.models.diffusers_denoiser import DiffusersDenoiser
+    from tinyfusion.pruning import baselines
+    from tinyfusion.pruning.calibration import CalibrationSet, calibration_loss
+    from tinyfusion.pruning.learnable import LearnableSearch, SearchConfig
+    from tinyfusion.pruning.masks import kept_from_choices
+
+    build, shape, objective, groups = DENOISERS[name]
+    den = DiffusersDenoiser(build(), None if name == "dit" else bank())
+    assert den.config.objective == objective
+    obj = create_objective(den.config)
+    rows = den.config.num_classes
+    stack = block_stack(den)
+    stack.check_groups(groups)
+    calib = CalibrationSet.from_batches(RandomLatents(shape, rows, seed=5), 16)
+    full = calibration_loss(den, obj, calib)
+    k = sum(n for n, _ in groups)
+    for method in (baselines.block_influence, baselines.fluxlite, baselines.sensitivity):
+        kept, scores = method(den, obj, calib, k)
+        assert len(kept) == k and len(next(iter(scores.values()))) == stack.depth
+    search = LearnableSearch(DiffusersDenoiser(build(), None if name == "dit" else bank()), obj,
+                             RandomLatents(shape, rows), SearchConfig(groups=groups, steps=3, global_batch_size=8))
+    search.run(progress=False)
+    assert any(p.grad is not None for p in search.weights)  # LoRA on the diffusers blocks trained
+    kept = kept_from_choices(groups, search.decision())
+    shallow = stack.prune(kept)
+    shallow.save_pretrained(tmp_path / "pruned")
+    small = DiffusersDenoiser(load_folder(str(tmp_path / "pruned")), None if name == "dit" else bank())
+    assert calibration_loss(small, obj, calib) == pytest.approx(calibration_loss(den, obj, calib, kept=kept), rel=1e-4)
+    assert full != pytest.approx(calibration_loss(small, obj, calib))
+    images = sample(small, torch.tensor([0, 1]), shape, "heun" if objective == "flow" else "ddim", steps=2)
+    assert images.shape == (2, *shape) and torch.isfinite(images).all()

@@ -187,6 +187,10 @@ def block_stack(model) -> BlockStack:
 
     if isinstance(model, DiT):
         return DiTStack(model)
+    from .diffusers_denoiser import DiffusersDenoiser
+
+    if isinstance(model, DiffusersDenoiser):  # hooks on the wrapped model's blocks; prune returns that model
+        model = model.model
     if type(model).__module__.startswith("diffusers."):
         from .diffusers_stacks import diffusers_stack
 
