@@ -206,3 +206,39 @@ def test_learnable_search_and_baselines_run_on_diffusers_stacks(tmp_path, name):
     assert full != pytest.approx(calibration_loss(small, obj, calib))
     images = sample(small, torch.tensor([0, 1]), shape, "heun" if objective == "flow" else "ddim", steps=2)
     assert images.shape == (2, *shape) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("method", ["learnable", "bi"])
+def test_prune_cli_on_a_flux_folder_writes_a_loadable_folder(tmp_path, capsys, method):
+    import json
+
+    import numpy as np
+
+    from conftest import run_main
+    from tinyfusion.prune import main as prune_main
+
+    flux().save_pretrained(tmp_path / "flux")
+    torch.save(bank(), tmp_path / "bank.pt")
+    for sub in ("p_features", "p_labels"):
+        (tmp_path / "lat" / sub).mkdir(parents=True)
+    g = np.random.default_rng(0)
+    for i in range(16):
+        np.save(tmp_path / "lat" / "p_features" / f"{i}.npy", g.normal(size=(1, 2, 8, 8)).astype(np.float32))
+        np.save(tmp_path / "lat" / "p_labels" / f"{i}.npy", np.array([i % 4]))
+    out = tmp_path / "run"
+    argv = ["--ckpt", str(tmp_path / "flux"), "--cond", str(tmp_path / "bank.pt"), "--data-path", str(tmp_path / "lat"),
+            "--method", method, "--steps", "2", "--global-batch-size", "8", "--calib-samples", "8", "--num-workers", "0",
+            "--out", str(out)]
+    code, _, err = run_main(prune_main, argv, capsys)
+    assert code == 0, err
+    d = json.loads((out / "decision.json").read_text())
+    assert d["groups"] == [[1, 2], [1, 2], [1, 2]] and len(d["kept"]) == 3  # 1:2 on each stack
+    loaded = load_folder(str(out / "pruned"))
+    assert type(loaded).__name__ == "FluxTransformer2DModel" and block_stack(loaded).depths == [1, 2]
+    assert json.loads((out / "pruned" / "tinyfusion.json").read_text())["kept"] == d["kept"]
+    code, _, err = run_main(prune_main, [*argv[:4], "--data-path", str(tmp_path / "lat"), "--groups", "[[1,3],[2,3]]",
+                                         "--out", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "straddles" in err and "Traceback" not in err
+    code, _, err = run_main(prune_main, ["--ckpt", str(tmp_path / "flux"), "--data-path", str(tmp_path / "lat"),
+                                         "--out", str(tmp_path / "bad2")], capsys)
+    assert code == 2 and "conditioning bank" in err

@@ -68,6 +68,8 @@ def parse_args(argv):
     s.add_argument("--keep-update", action="store_true", help="merge the update into the saved weights (default: discard)")
     d = p.add_argument_group("data and run")
     d.add_argument("--data-path", help="latent folder (<name>_features/, <name>_labels/); default: the digits set")
+    d.add_argument("--cond", help="diffusers PixArt/SD3/Flux: conditioning bank (.pt/.safetensors) of prompt "
+                                  "embeddings, last row the null prompt; latent labels index its rows")
     d.add_argument("--calib-samples", type=positive(), default=512, help="fixed samples for the calibration loss")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", help="run folder (default runs/prune-<method>-<time>/)")
@@ -87,6 +89,21 @@ def parse_args(argv):
         raise UserError("--method indices needs --kept")
     args.out = args.out or os.path.join("runs", f"prune-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     return args
+
+
+def load_source(args):
+    """Our DiT/SiT from any checkpoint, or a diffusers PixArt/SD3/Flux folder behind DiT's call."""
+    from .models.diffusers_denoiser import is_diffusers_transformer_folder, load_denoiser
+
+    if is_diffusers_transformer_folder(args.ckpt):
+        if args.model:
+            raise UserError("--model dit|sit applies to DiT checkpoints; a diffusers folder brings its own objective")
+        if not args.data_path:
+            raise UserError(f"{args.ckpt} is a diffusers transformer: give --data-path with its latents (and --cond)")
+        return load_denoiser(args.ckpt, args.cond)
+    if args.cond:
+        raise UserError("--cond applies to diffusers PixArt/SD3/Flux folders only")
+    return checkpoint.load(args.ckpt, model=args.model)
 
 
 def params(model):
@@ -165,9 +182,14 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_run(args.global_batch_size, args.out)
     torch.manual_seed(args.seed)  # LoRA initialization: the same on every rank and in every run
-    source = checkpoint.load(args.ckpt, model=args.model)
-    depth = source.config.depth
-    groups = parse_groups(args.groups, depth) if args.groups else parse_scheme(args.scheme, depth)
+    source = load_source(args)
+    stack = block_stack(source)
+    depth = stack.depth
+    if args.groups:
+        groups = parse_groups(args.groups, depth)
+    else:  # the scheme tiles every stack on its own (Flux: double- and single-stream)
+        groups = [g for d in stack.depths for g in parse_scheme(args.scheme, d)]
+    stack.check_groups(groups)
     diffusion = create_objective(source.config)
     log = RunLog(args.out, enabled=rank == 0)
     log.write("command: " + " ".join(["python -m tinyfusion.prune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
@@ -192,18 +214,39 @@ def main(argv=None):
     cleanup()
 
 
+def save_pruned(model, out, name, provenance):
+    """Our models as <name>.safetensors; a diffusers transformer as the folder <name>/ (loads with
+    from_pretrained), provenance in its tinyfusion.json. Both written atomically."""
+    if isinstance(model, torch.nn.Module) and hasattr(model, "save_pretrained"):
+        import shutil
+        import tempfile
+
+        folder = os.path.join(out, name)
+        tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-")
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "tinyfusion.json"), "w") as f:
+            json.dump(provenance, f, indent=2)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return folder
+    path = os.path.join(out, f"{name}.safetensors")
+    checkpoint.save(model, path, **provenance)
+    return path
+
+
 def write_artifacts(args, source, final, kept, groups, loss, extra):
-    depth = source.config.depth
+    depth = block_stack(source).depth
     scheme = None if args.groups else args.scheme
     shallow = prune_model(final, kept)
     provenance = {"source": os.path.abspath(args.ckpt), "kept": kept, "source_depth": depth, "method": args.method,
                   "scheme": scheme, "groups": groups, "keep_update": bool(args.keep_update)}
-    checkpoint.save(shallow, os.path.join(args.out, "pruned.safetensors"), **provenance)
+    written = save_pruned(shallow, args.out, "pruned", provenance)
     if args.method == "random-search":
         for name in ("median", "max"):
             pick = extra["picks"][name]
-            checkpoint.save(prune_model(final, pick["kept"]), os.path.join(args.out, f"pruned-{name}.safetensors"),
-                            **{**provenance, "kept": pick["kept"], "pick": name})
+            save_pruned(prune_model(final, pick["kept"]), args.out, f"pruned-{name}",
+                        {**provenance, "kept": pick["kept"], "pick": name})
     decision = {"method": args.method, "scheme": scheme, "groups": groups, "kept": kept, "source_depth": depth,
                 "calibration_loss": loss, "calibration_samples": args.calib_samples, "source": provenance["source"],
                 "args": {k: v for k, v in vars(args).items()}, **extra}
@@ -219,7 +262,7 @@ def write_artifacts(args, source, final, kept, groups, loss, extra):
     log.write(f"method {args.method}: kept {len(kept)}/{depth} layers {kept}")
     log.write(f"params {params(source) / 1e6:.3f}M -> {params(shallow) / 1e6:.3f}M; calibration loss {loss:.5f} "
               f"({args.calib_samples} fixed samples)")
-    log.write(f"run: {args.out} (pruned.safetensors, decision.json)")
+    log.write(f"run: {args.out} ({os.path.basename(written)}, decision.json)")
 
 
 if __name__ == "__main__":

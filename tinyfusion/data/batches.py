@@ -46,7 +46,7 @@ class LatentBatches:
         from .latents import LatentFolder
 
         ds = LatentFolder(path, num_classes)
-        if ds.latent_shape != tuple(latent_shape):
+        if any(want is not None and want != have for want, have in zip(latent_shape, ds.latent_shape)):
             raise UserError(f"{path}: latents are {ds.latent_shape}, the model expects {latent_shape} (check --image-size)")
         sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
         self.loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True)

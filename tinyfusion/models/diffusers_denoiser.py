@@ -10,6 +10,7 @@ row. The objective follows the family:
   noise - data, timestep s) is our linear path with t = 1 - s and velocity = -output, so the
   FlowObjective and the SiT samplers apply as they are.
 """
+import os
 from types import SimpleNamespace
 
 import torch
@@ -100,3 +101,41 @@ def pack(x):
 def unpack(tokens, shape):
     b, c, h, w = shape
     return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def load_bank(path):
+    """A conditioning bank file (.pt or .safetensors): {"encoder_hidden_states": (K+1, L, D),
+    "pooled_projections": (K+1, P)}, row K the null prompt."""
+    if not os.path.isfile(path):
+        raise UserError(f"--cond {path}: no such file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            bank = load_file(path)
+        else:
+            bank = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file is one line, never a traceback
+        raise UserError(f"--cond {path}: not a tensor file ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(bank, dict) or not all(isinstance(v, torch.Tensor) for v in bank.values()):
+        raise UserError(f"--cond {path}: expected a dict of tensors")
+    return bank
+
+
+def load_denoiser(folder, cond=None, class_dropout_prob=0.1):
+    """A diffusers transformer folder (any supported class) as a DiffusersDenoiser."""
+    from .diffusers_stacks import load_folder
+
+    return DiffusersDenoiser(load_folder(folder), load_bank(cond) if cond else None, class_dropout_prob)
+
+
+def is_diffusers_transformer_folder(path):
+    """A diffusers folder of a class other than DiT (DiT folders load as our own DiT instead)."""
+    import json
+
+    cfg = os.path.join(path, "config.json")
+    if not (os.path.isdir(path) and os.path.isfile(cfg)):
+        return False
+    with open(cfg) as f:
+        name = json.load(f).get("_class_name")
+    return name is not None and name != "DiTTransformer2DModel"

@@ -141,6 +141,6 @@ def load_folder(path):
     import diffusers
 
     try:
-        return getattr(diffusers, name).from_pretrained(path).eval()
+        return getattr(diffusers, name).from_pretrained(path, low_cpu_mem_usage=False).eval()
     except (OSError, ValueError, TypeError, RuntimeError) as e:
         raise UserError(f"{path}: diffusers could not load the {name} ({str(e).splitlines()[0][:200]})") from None
