@@ -56,3 +56,19 @@ def test_bad_input_is_one_line(argv, fragment, capsys, tmp_path):
     code, _, err = run_main(latency.main, argv + ["--json", str(tmp_path / "x.json")], capsys)
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_block_stack_families_small_run(tmp_path, capsys):
+    import latency_stacks
+
+    out = tmp_path / "stacks.json"
+    code, stdout, err = run_main(latency_stacks.main, ["--preset", "tiny", "--families", "sd3", "flux", "--fractions", "1", "0.5",
+                                                       "--repeats", "2", "--json", str(out)], capsys)
+    assert code == 0, err
+    s = json.loads(out.read_text())
+    sd3, flux = s["results"]
+    assert sd3["depths"] == [4, 2] and flux["stack_depths"] == [1, 3] and flux["depths"] == [4, 3]
+    assert all(m > 0 for r in s["results"] for m in r["median_ms"]) and "half_depth_speedup" in sd3
+    assert (tmp_path / "stacks.png").stat().st_size > 0 and "| flux |" in stdout
+    code, _, err = run_main(latency_stacks.main, ["--fractions", "0.5", "--json", str(out)], capsys)
+    assert code == 2 and "--fractions must start at 1" in err
