@@ -16,6 +16,18 @@ def linear_betas(num_timesteps=1000):
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
 
+def cosine_betas(num_timesteps=1000, max_beta=0.999):
+    """Improved DDPM's cosine schedule (MAR's diffusion head): alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2)^2."""
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array([min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), max_beta)
+                     for i in range(num_timesteps)], dtype=np.float64)
+
+
+SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+
+
 def space_timesteps(num_timesteps, spacing):
     """Timesteps kept by respacing: 'ddimN' takes a stride that yields exactly N, an int N spreads N evenly."""
     spacing = str(spacing)
@@ -151,9 +163,9 @@ class GaussianDiffusion:
         return terms
 
 
-def create_diffusion(timestep_respacing="", learn_sigma=True, num_timesteps=1000):
-    """The 1000-step linear process, optionally respaced ('250', 'ddim50', ...)."""
-    betas = linear_betas(num_timesteps)
+def create_diffusion(timestep_respacing="", learn_sigma=True, num_timesteps=1000, schedule="linear"):
+    """The 1000-step process (DiT's linear schedule, or MAR's cosine), optionally respaced ('250', 'ddim50', ...)."""
+    betas = SCHEDULES[schedule](num_timesteps)
     if not timestep_respacing:
         return GaussianDiffusion(betas, learn_sigma)
     keep = sorted(space_timesteps(num_timesteps, timestep_respacing))

@@ -29,12 +29,12 @@ def cfg_model_fn(model, labels, cfg_scale, null_label, guidance_channels=None):
 
 
 @torch.no_grad()
-def ddpm_loop(diffusion, model_fn, x, generator=None, progress=None):
+def ddpm_loop(diffusion, model_fn, x, generator=None, progress=None, temperature=1.0):
     for i in reversed(range(diffusion.num_timesteps)):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         out = diffusion.p_mean_variance_from_output(model_fn(x, diffusion.model_timesteps(t)), x, t)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = out["mean"] + (i > 0) * torch.exp(0.5 * out["log_variance"]) * noise
+        x = out["mean"] + (i > 0) * torch.exp(0.5 * out["log_variance"]) * noise * temperature
         if progress is not None:
             progress.update(1)
     return x

@@ -121,7 +121,7 @@ FAMILIES = {
 def diffusers_stack(model):
     cls = FAMILIES.get(type(model).__name__)
     if cls is None:
-        raise UserError(f"cannot find the block stack of a {type(model).__name__}: tried the DiT/SiT adapter and the "
+        raise UserError(f"cannot find the block stack of a {type(model).__name__}: tried the DiT/SiT and MAR adapters and the "
                         f"diffusers adapters for {', '.join(FAMILIES)}")
     return cls(model)
 

@@ -181,12 +181,36 @@ class DiTStack(BlockStack):
         return shallow.eval()
 
 
+class MARStack(BlockStack):
+    """MAR: the encoder then the decoder blocks, two stacks (the paper prunes MAR-L 32 -> 16 in all)."""
+
+    family = "MAR"
+
+    def stacks(self):
+        return [self.model.encoder_blocks, self.model.decoder_blocks]
+
+    def passthrough(self, args, kwargs, output):
+        return args[0]
+
+    def lora_targets(self):
+        return [*self.stacks(), self.model.diffloss.net]
+
+    def build(self, kept_per_stack):
+        from .mar import prune_mar
+
+        return prune_mar(self.model, *kept_per_stack)
+
+
 def block_stack(model) -> BlockStack:
     """The adapter for `model`; a one-line error naming the adapters tried when none fits."""
     from .dit import DiT
 
+    from .mar import MAR
+
     if isinstance(model, DiT):
         return DiTStack(model)
+    if isinstance(model, MAR):
+        return MARStack(model)
     from .diffusers_denoiser import DiffusersDenoiser
 
     if isinstance(model, DiffusersDenoiser):  # hooks on the wrapped model's blocks; prune returns that model
@@ -195,4 +219,4 @@ def block_stack(model) -> BlockStack:
         from .diffusers_stacks import diffusers_stack
 
         return diffusers_stack(model)
-    raise UserError(f"cannot find the block stack of a {type(model).__name__}: tried the DiT/SiT and diffusers adapters")
+    raise UserError(f"cannot find the block stack of a {type(model).__name__}: tried the DiT/SiT, MAR and diffusers adapters")

@@ -1,0 +1,97 @@
+"""MAR: official names and sizes, the loss, generation, and depth pruning of both stacks."""
+import pytest
+import torch
+
+from tinyfusion.errors import UserError
+from tinyfusion.models.mar import MAR, MARConfig, config_from_state_dict, load_mar
+from tinyfusion.models.stack import block_stack
+from tinyfusion.pruning.surgery import fixed_mask
+
+
+def tiny_mar(seed=0, **kw):
+    torch.manual_seed(seed)
+    base = dict(img_size=8, vae_stride=1, patch_size=2, vae_embed_dim=1, encoder_embed_dim=32, encoder_depth=4,
+                encoder_num_heads=2, decoder_embed_dim=32, decoder_depth=4, decoder_num_heads=2, class_num=10,
+                class_rows=10, buffer_size=2, diffloss_d=2, diffloss_w=32, diffusion_batch_mul=2)
+    base.update(kw)
+    m = MAR(MARConfig(**base))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # the head starts at zero output; random weights make every path do work
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return m.eval()
+
+
+def test_mar_large_has_the_published_size_and_official_names():
+    # MAR-L in the paper: 479M parameters (encoder and decoder 16 x 1024, diffusion head 8 x 1280).
+    cfg = MARConfig(encoder_embed_dim=1024, encoder_depth=16, decoder_embed_dim=1024, decoder_depth=16,
+                    diffloss_d=8, diffloss_w=1280)
+    with torch.device("meta"):
+        m = MAR(cfg)
+    assert sum(p.numel() for p in m.parameters()) / 1e6 == pytest.approx(479, abs=1)
+    keys = set(m.state_dict())
+    for k in ("class_emb.weight", "fake_latent", "z_proj_ln.bias", "encoder_pos_embed_learned", "encoder_blocks.15.attn.qkv.weight",
+              "encoder_blocks.0.mlp.fc2.bias", "decoder_embed.weight", "mask_token", "decoder_blocks.0.norm2.weight",
+              "diffusion_pos_embed_learned", "diffloss.net.time_embed.mlp.2.weight", "diffloss.net.cond_embed.weight",
+              "diffloss.net.res_blocks.7.adaLN_modulation.1.weight", "diffloss.net.final_layer.linear.weight"):
+        assert k in keys, k
+    assert config_from_state_dict(m.state_dict()) == cfg  # every size read back from the keys
+
+
+def test_official_checkpoint_layout_loads(tmp_path):
+    m = tiny_mar()
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in m.state_dict().items()}, "model_ema": m.state_dict()},
+               tmp_path / "checkpoint-last.pth")
+    loaded = load_mar(str(tmp_path / "checkpoint-last.pth"), patch_size=2, vae_stride=1, encoder_num_heads=2,
+                      decoder_num_heads=2, class_num=10)
+    for k, v in m.state_dict().items():  # the EMA weights, not the raw ones
+        assert torch.equal(loaded.state_dict()[k], v)
+    torch.save({"model": {"x": torch.zeros(1)}}, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="not a MAR checkpoint"):
+        load_mar(str(tmp_path / "bad.pth"))
+
+
+def test_loss_is_finite_masked_and_trains_every_part():
+    m = tiny_mar().train()
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
+    out = m.training_losses(images, labels, generator=g)
+    assert out["loss"].shape == (4,) and torch.isfinite(out["loss"]).all()
+    assert out["mask"].sum(1).unique().numel() == 1 and out["mask"].float().mean() >= 0.7 - 1 / 16  # min mask ratio 0.7
+    out["loss"].mean().backward()
+    for name in ("encoder_blocks.0.attn.qkv.weight", "decoder_blocks.3.mlp.fc1.weight", "diffloss.net.input_proj.weight",
+                 "class_emb.weight"):
+        assert m.get_parameter(name).grad.abs().sum() > 0, name
+    # known tokens reach the encoder only when the drawn ratio leaves some unmasked
+    assert (m.z_proj.weight.grad.abs().sum() > 0) == bool((~out["mask"]).any())
+
+
+def test_generation_is_seeded_guided_and_fills_every_token():
+    m = tiny_mar()
+    labels = torch.tensor([1, 4])
+    a = m.sample(labels, num_iter=4, cfg=2.0, temperature=1.0, head_steps=5, seed=3)
+    assert a.shape == (2, 1, 8, 8) and torch.isfinite(a).all() and (a != 0).all()
+    assert torch.equal(a, m.sample(labels, num_iter=4, cfg=2.0, head_steps=5, seed=3))
+    assert not torch.allclose(a, m.sample(labels, num_iter=4, cfg=1.0, head_steps=5, seed=3))
+    assert not torch.allclose(a, m.sample(labels, num_iter=4, cfg=2.0, temperature=0.5, head_steps=5, seed=3))
+
+
+@torch.no_grad()
+def test_pruned_mar_equals_the_masked_full_model():
+    m = tiny_mar()
+    stack = block_stack(m)
+    assert stack.family == "MAR" and stack.depths == [4, 4]
+    stack.check_groups([[1, 2], [1, 2], [1, 2], [1, 2]])
+    with pytest.raises(UserError, match="straddles"):
+        stack.check_groups([[3, 6], [1, 2]])
+    g = torch.Generator().manual_seed(1)
+    tokens, labels = torch.randn(3, 16, 4, generator=g), torch.tensor([0, 5, 9])
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[:, ::2] = True
+    kept = [0, 3, 5, 6]  # encoder 0 and 3, decoder 1 and 2
+    with stack.masked(fixed_mask(kept, 8, 3)):
+        want = m(tokens, mask, labels)
+    shallow = stack.prune(kept)
+    assert (shallow.config.encoder_depth, shallow.config.decoder_depth) == (2, 2)
+    torch.testing.assert_close(shallow(tokens, mask, labels), want)
+    assert not torch.allclose(m(tokens, mask, labels), want, atol=1e-4)
