@@ -54,6 +54,15 @@ def run_main(main, argv, capsys):
     return code, out.out, out.err
 
 
+def free_port():
+    """A TCP port nothing listens on now, for torchrun's rendezvous (fixed ports collide across runs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_module(args, timeout=600, env=None):
     """Run `python -m ...` (or torchrun) in a subprocess from the repo root."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
