@@ -55,8 +55,17 @@ def test_loss_is_finite_masked_and_trains_every_part():
     m = tiny_mar().train()
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
-    out = m.training_losses(images, labels, generator=g)
+    from tinyfusion.models.mar import MARObjective
+
+    terms = MARObjective().training_losses(lambda x, seeds: m(x, seeds, labels), images, torch.tensor([3, 3, 900, 5]))
+    out = terms["output"]
     assert out["loss"].shape == (4,) and torch.isfinite(out["loss"]).all()
+    with torch.no_grad():  # the same seeds give the same masks and noised tokens: a teacher and a student compare
+        m.eval()
+        a, b = m(images, terms["model_t"], labels), m(images, terms["model_t"], labels)
+        assert torch.equal(a["output"], b["output"]) and torch.equal(a["mask"], b["mask"])
+        assert not torch.equal(a["output"], m(images, terms["model_t"] + 1, labels)["output"])
+        m.train()
     assert out["mask"].sum(1).unique().numel() == 1 and out["mask"].float().mean() >= 0.7 - 1 / 16  # min mask ratio 0.7
     out["loss"].mean().backward()
     for name in ("encoder_blocks.0.attn.qkv.weight", "decoder_blocks.3.mlp.fc1.weight", "diffloss.net.input_proj.weight",
@@ -90,8 +99,48 @@ def test_pruned_mar_equals_the_masked_full_model():
     mask[:, ::2] = True
     kept = [0, 3, 5, 6]  # encoder 0 and 3, decoder 1 and 2
     with stack.masked(fixed_mask(kept, 8, 3)):
-        want = m(tokens, mask, labels)
+        want = m.predict_z(tokens, mask, labels)
     shallow = stack.prune(kept)
     assert (shallow.config.encoder_depth, shallow.config.decoder_depth) == (2, 2)
-    torch.testing.assert_close(shallow(tokens, mask, labels), want)
-    assert not torch.allclose(m(tokens, mask, labels), want, atol=1e-4)
+    torch.testing.assert_close(shallow.predict_z(tokens, mask, labels), want)
+    assert not torch.allclose(m.predict_z(tokens, mask, labels), want, atol=1e-4)
+
+
+def test_prune_finetune_sample_and_evaluate_with_model_mar(tmp_path, capsys):
+    import json
+
+    import tinyfusion
+    from conftest import run_main
+    from tinyfusion.evaluate import main as evaluate_main
+    from tinyfusion.finetune import main as finetune_main
+    from tinyfusion.prune import main as prune_main
+    from tinyfusion.sample import main as sample_main
+
+    teacher = tmp_path / "mar.safetensors"
+    tinyfusion.save(tiny_mar(), str(teacher))
+    out = tmp_path / "prune"
+    code, _, err = run_main(prune_main, ["--ckpt", str(teacher), "--model", "mar", "--steps", "4", "--global-batch-size", "8",
+                                         "--calib-samples", "16", "--out", str(out)], capsys)
+    assert code == 0, err
+    d = json.loads((out / "decision.json").read_text())
+    assert d["groups"] == [[1, 2]] * 4 and len(d["kept"]) == 4  # 1:2 over the encoder and the decoder each
+    pruned = tinyfusion.load(str(out / "pruned.safetensors"))
+    assert type(pruned).__name__ == "MAR" and (pruned.config.encoder_depth, pruned.config.decoder_depth) == (2, 2)
+    rec = tmp_path / "rec"
+    code, _, err = run_main(finetune_main, ["--ckpt", str(out / "pruned.safetensors"), "--steps", "2", "--global-batch-size", "8",
+                                            "--log-every", "1", "--eval-samples", "0", "--out", str(rec)], capsys)
+    assert code == 0, err
+    m = json.loads((rec / "metrics.json").read_text())
+    assert m["objective"] == "mar" and {"output_kd", "hidden_kd", "diffusion"} <= set(m["loss_curve"][0])
+    assert all(v == v for p in m["loss_curve"] for v in p.values())  # finite
+    code, _, err = run_main(sample_main, ["--ckpt", str(rec / "recovered.safetensors"), "--per-class", "1", "--classes", "0,1",
+                                          "--steps", "3", "--temperature", "0.9", "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 0, err
+    code, out_text, err = run_main(evaluate_main, ["--ckpt", str(teacher), "--samples", "20", "--steps", "2", "--json",
+                                                   str(tmp_path / "e.json")], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["sampler"]["name"] == "mar"
+    code, _, err = run_main(sample_main, ["--ckpt", str(teacher), "--model", "sit", "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "is a MAR checkpoint" in err
+    code, _, err = run_main(sample_main, ["--ckpt", str(teacher), "--backend", "cpp", "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "eager only" in err

@@ -28,7 +28,7 @@ def _read_pt(path):
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
     if isinstance(obj, dict):
-        for key in ("ema", "model", "state_dict"):  # official DiT checkpoints carry both; sample from EMA
+        for key in ("ema", "model_ema", "model", "state_dict"):  # official DiT and MAR carry both; sample from EMA
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
@@ -157,7 +157,7 @@ def build_strict(cfg, sd, where="checkpoint"):
     return model
 
 
-OBJECTIVES = {"dit": "diffusion", "sit": "flow"}
+OBJECTIVES = {"dit": "diffusion", "sit": "flow", "mar": "mar"}
 
 
 def load(path, expect=None, model=None, **overrides):
@@ -169,6 +169,14 @@ def load(path, expect=None, model=None, **overrides):
     overrides: config fields the file cannot tell (e.g. num_heads=...).
     """
     sd, info = read(path)
+    if "z_proj.weight" in sd:  # MAR's keys
+        if model not in (None, "mar"):
+            raise UserError(f"{path} is a MAR checkpoint; --model {model} asks for a {model.upper()}")
+        from .models.mar import mar_from_state_dict
+
+        return mar_from_state_dict(sd, info, path, **overrides)
+    if model == "mar":
+        raise UserError(f"{path} is not a MAR checkpoint (no z_proj / encoder_blocks keys); --model mar needs one")
     cfg = infer_config(sd, info)
     if model is not None:
         said = info.get("config", {}).get("objective")

@@ -11,7 +11,10 @@ def default_settings(config=None):
     """What `sample` and `evaluate` use with no flags: DDIM 50 steps (a SiT: Heun 25), guidance 1.5 on
     all channels, seed 0."""
     name = samplers_for(config)[0]
-    return {"name": name, "steps": DEFAULT_STEPS[name], "cfg_scale": 1.5, "guidance_channels": "all", "seed": 0}
+    settings = {"name": name, "steps": DEFAULT_STEPS[name], "cfg_scale": 1.5, "guidance_channels": "all", "seed": 0}
+    if name == "mar":
+        settings.update(steps=min(settings["steps"], config.seq_len), temperature=1.0)
+    return settings
 
 
 DEFAULT_SETTINGS = default_settings()
@@ -22,10 +25,11 @@ def add_sampler_args(p):
     g.add_argument("--sampler", choices=list(DEFAULT_STEPS),
                    help="DiT: ddim (deterministic, eta 0; the default) or ddpm (ancestral, as the paper evaluates; "
                         "the default of sample --npz). SiT: heun (ODE; the default), euler (ODE) or sde "
-                        "(Euler-Maruyama; the default of sample --npz)")
+                        "(Euler-Maruyama; the default of sample --npz). MAR: mar (steps = unmasking iterations)")
     g.add_argument("--steps", type=positive(),
                    help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     g.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 disables it")
+    g.add_argument("--temperature", type=positive(float), default=1.0, help="MAR: the diffusion head's noise scale")
     g.add_argument("--guidance-channels", default="all",
                    help="'all' guides every noise channel (diffusers' DiTPipeline); '3' guides the first 3 "
                         "channels only, as facebookresearch/DiT's sample.py does")
@@ -40,15 +44,18 @@ def sampler_settings(args, default=None, config=None):
     allowed = samplers_for(config)
     default = {"ddim": allowed[0], "ddpm": allowed[-1]}.get(default or "ddim", default)
     if args.sampler and args.sampler not in allowed:
-        kind = "a SiT (flow matching)" if "heun" in allowed else "a DiT (Gaussian diffusion)"
+        kind = {"heun": "a SiT (flow matching)", "mar": "a MAR"}.get(allowed[0], "a DiT (Gaussian diffusion)")
         raise UserError(f"--sampler {args.sampler} does not fit {kind} model; choose {', '.join(allowed)}")
     if args.guidance_channels not in ("all", "3"):
         raise UserError(f"--guidance-channels must be 'all' or '3', got {args.guidance_channels!r}")
     if args.cfg_scale < 1:
         raise UserError(f"--cfg-scale must be at least 1, got {args.cfg_scale}")
     name = args.sampler or default
-    return {"name": name, "steps": args.steps or DEFAULT_STEPS[name], "cfg_scale": args.cfg_scale,
-            "guidance_channels": args.guidance_channels, "seed": args.seed}
+    settings = {"name": name, "steps": args.steps or DEFAULT_STEPS[name], "cfg_scale": args.cfg_scale,
+                "guidance_channels": args.guidance_channels, "seed": args.seed}
+    if name == "mar":  # at most one unmasking step per token
+        settings.update(steps=min(settings["steps"], config.seq_len), temperature=args.temperature)
+    return settings
 
 
 def sample_batched(model, labels, settings, batch_size, desc="sampling"):
@@ -63,5 +70,5 @@ def sample_batched(model, labels, settings, batch_size, desc="sampling"):
     with tqdm(total=len(chunks) * settings["steps"], desc=desc, dynamic_ncols=True) as bar:
         for i, chunk in enumerate(chunks):
             out.append(sample(model, chunk, shape, settings["name"], settings["steps"], settings["cfg_scale"], gc,
-                              seed=settings["seed"] + i, progress=bar))
+                              seed=settings["seed"] + i, progress=bar, temperature=settings.get("temperature", 1.0)))
     return torch.cat(out)

@@ -19,6 +19,7 @@ from .diffusion import create_objective
 from .distributed import cleanup, setup_run
 from .errors import Parser, UserError, cli, positive
 from .models import DiT, DiTConfig, config_from_name
+from .models.mar import MAR, MARConfig
 from .data.batches import DigitsBatches, LatentBatches
 from .runlog import RunLog, plot_curve
 
@@ -33,6 +34,13 @@ PRESETS = {
         config=DiTConfig(depth=12, hidden_size=128, patch_size=2, num_heads=4, input_size=8, in_channels=1, num_classes=10,
                          learn_sigma=False, objective="flow"),
         steps=5000, global_batch_size=128, lr=5e-4, ema_decay=0.999, warmup=200, name="digits-sit-teacher",
+    ),
+    # A tiny MAR: 2x2-pixel tokens (16 per digit), encoder and decoder 6 blocks each (12 -> 6 in all).
+    "digits-mar": dict(
+        config=MARConfig(img_size=8, vae_stride=1, patch_size=2, vae_embed_dim=1, encoder_embed_dim=128, encoder_depth=6,
+                         encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=6, decoder_num_heads=4, class_num=10,
+                         class_rows=10, buffer_size=4, diffloss_d=3, diffloss_w=128),
+        steps=5000, global_batch_size=128, lr=5e-4, ema_decay=0.999, warmup=200, name="digits-mar-teacher",
     ),
 }
 
@@ -78,6 +86,8 @@ def parse_args(argv):
     else:
         raise UserError("give --preset digits, or --model and --data-path for latent training")
     if args.depth:
+        if isinstance(args.config, MARConfig):
+            raise UserError("--depth sets a DiT's depth; a MAR's encoder and decoder depths come from its preset")
         args.config.depth = args.depth
     for key in ("path", "prediction"):
         if getattr(args, key):
@@ -104,7 +114,7 @@ def main(argv=None):
     torch.manual_seed(args.seed * 1000 + rank)
 
     cfg = args.config
-    model = DiT(cfg).to(device)
+    model = (MAR(cfg) if isinstance(cfg, MARConfig) else DiT(cfg)).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     diffusion = create_objective(cfg)
@@ -118,14 +128,15 @@ def main(argv=None):
         torch.set_rng_state(state["rng"])
         data_state = state["data"]
     local_batch = args.global_batch_size // world
-    if args.preset in ("digits", "digits-sit"):
+    if args.preset in ("digits", "digits-sit", "digits-mar"):
         data = DigitsBatches(args.global_batch_size, args.seed, rank, world)
     else:
         data = LatentBatches(args.data_path, local_batch, args.seed, rank, world, cfg.num_classes, args.num_workers,
                              (cfg.in_channels, cfg.input_size, cfg.input_size))
     if args.resume:
         data.load_state(data_state)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # MAR leaves z_proj unused when a batch masks every token
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=isinstance(model, MAR)) if world > 1 else model
     log = RunLog(run_dir, enabled=rank == 0)
     if rank == 0:
         log.write(f"{'resuming at step ' + str(start) if start else 'starting'}: {json.dumps(cfg.to_dict())}")

@@ -151,9 +151,13 @@ class FlowObjective:
 
 
 def create_objective(config):
-    """The training objective a model config names: DiT's Gaussian diffusion or SiT's flow matching."""
+    """The training objective a model config names: DiT's Gaussian diffusion, SiT's flow matching, MAR's loss."""
     from .gaussian import create_diffusion
 
     if getattr(config, "objective", "diffusion") == "flow":
         return FlowObjective(config.path, config.prediction)
+    if config.objective == "mar":
+        from ..models.mar import MARObjective
+
+        return MARObjective()
     return create_diffusion(learn_sigma=config.learn_sigma)

@@ -5,14 +5,17 @@ from . import flow
 from .gaussian import _gather, create_diffusion
 
 # Heun's 25 steps cost 49 network calls, about DDIM-50's 50.
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "heun": 25, "euler": 50, "sde": 250}
+# MAR's steps are its unmasking iterations (64 as the official default, at most one per token).
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "heun": 25, "euler": 50, "sde": 250, "mar": 64}
 DIFFUSION_SAMPLERS = ("ddim", "ddpm")
 FLOW_SAMPLERS = ("heun", "euler", "sde")
+MAR_SAMPLERS = ("mar",)
 
 
 def samplers_for(config):
     """The samplers that fit a model's objective, the default first."""
-    return FLOW_SAMPLERS if getattr(config, "objective", "diffusion") == "flow" else DIFFUSION_SAMPLERS
+    objective = getattr(config, "objective", "diffusion")
+    return {"flow": FLOW_SAMPLERS, "mar": MAR_SAMPLERS}.get(objective, DIFFUSION_SAMPLERS)
 
 
 def cfg_model_fn(model, labels, cfg_scale, null_label, guidance_channels=None):
@@ -58,15 +61,18 @@ def ddim_loop(diffusion, model_fn, x, eta=0.0, generator=None, progress=None):
 
 
 def sample(model, labels, shape, sampler="ddim", steps=None, cfg_scale=1.5, guidance_channels=None,
-           seed=0, eta=0.0, progress=None):
+           seed=0, eta=0.0, progress=None, temperature=1.0):
     """Class-conditional samples (N, C, H, W) from any DiT- or SiT-like model (forward and forward_with_cfg)."""
     allowed = samplers_for(model.config)
     if sampler not in allowed:
-        kind = "flow-matching (SiT)" if allowed is FLOW_SAMPLERS else "diffusion (DiT)"
+        kind = {FLOW_SAMPLERS: "flow-matching (SiT)", MAR_SAMPLERS: "MAR"}.get(allowed, "diffusion (DiT)")
         raise ValueError(f"sampler {sampler!r} does not fit a {kind} model; choose {', '.join(allowed)}")
     steps = steps or DEFAULT_STEPS[sampler]
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    if allowed is MAR_SAMPLERS:
+        return model.sample(labels, num_iter=min(steps, model.config.seq_len), cfg=cfg_scale, temperature=temperature,
+                            seed=seed, progress=progress)
     device = labels.device
     generator = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn((len(labels), *shape), generator=generator, device=device)

@@ -50,6 +50,34 @@ class MARConfig:
     def seq_len(self):
         return (self.img_size // self.vae_stride // self.patch_size) ** 2
 
+    # The names the shared trainers and CLIs read from any model config.
+    objective = "mar"
+    learn_sigma = True
+
+    @property
+    def depth(self):
+        return self.encoder_depth + self.decoder_depth
+
+    @property
+    def num_classes(self):
+        return self.class_num
+
+    @property
+    def class_dropout_prob(self):
+        return self.label_drop_prob
+
+    @property
+    def in_channels(self):
+        return self.vae_embed_dim
+
+    @property
+    def input_size(self):
+        return self.img_size // self.vae_stride
+
+    @property
+    def hidden_size(self):
+        return self.encoder_embed_dim
+
 
 # MAR-B/L/H widths and depths (encoder = decoder); depth pruning halves MAR-L from 32 to 16 blocks in all.
 MAR_FAMILY = {"base": (768, 12, 12), "large": (1024, 16, 16), "huge": (1280, 20, 16)}
@@ -259,42 +287,48 @@ class MAR(nn.Module):
             x = blk(x)
         return self.decoder_norm(x)[:, c.buffer_size:] + self.diffusion_pos_embed_learned
 
-    def forward(self, tokens, mask, labels, drop=None):
+    def predict_z(self, tokens, mask, labels, drop=None):
         """z for every position: (B, L, decoder width). mask (B, L) bool: True = unknown, to predict."""
         return self.forward_decoder(self.forward_encoder(tokens, mask, self.class_embedding(labels, drop)), mask)
 
-    # --- training --------------------------------------------------------------------------------
-    def random_mask(self, b, generator=None, device="cpu"):
-        """Random orders, then the first ceil(L * r) masked, r from MAR's truncated normal on [min, 1]."""
-        from scipy.stats import truncnorm
-
-        lo = (self.config.mask_ratio_min - 1.0) / 0.25
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        rate = truncnorm.rvs(lo, 0, loc=1.0, scale=0.25, random_state=np.random.default_rng(seed))
-        orders = torch.argsort(torch.rand(b, self.seq_len, generator=generator), dim=1)
-        n = int(math.ceil(self.seq_len * rate))
-        mask = torch.zeros(b, self.seq_len, dtype=torch.bool)
-        mask.scatter_(1, orders[:, :n], True)
-        return mask.to(device)
-
-    def training_losses(self, images, labels, generator=None, drop=None):
-        """MAR's loss per sample: the diffusion loss over masked tokens, each token repeated
-        diffusion_batch_mul times with its own timestep and noise. Returns the terms of the DiT loss."""
+    def forward(self, images, t, labels, force_drop_ids=None):
+        """One training evaluation in the shared trainers' call: `t` (B,) integer seeds make everything
+        random per sample (order, head timesteps and noise), so a teacher and a student called with the
+        same (images, t, labels, drops) see the same masks and noised tokens; the mask ratio comes from
+        the batch's seeds. Returns the per-sample loss, the head's outputs and the loss weights."""
         c = self.config
         tokens = self.patchify(images)
         b, L, d = tokens.shape
-        if drop is None:
-            drop = (torch.rand(b, generator=generator) < c.label_drop_prob).long().to(images.device) if self.training else None
-        mask = self.random_mask(b, generator, images.device)
-        z = self(tokens, mask, labels, drop)
+        if force_drop_ids is None and self.training and c.label_drop_prob > 0:
+            force_drop_ids = (torch.rand(b, device=images.device) < c.label_drop_prob).long()
+        gens = [torch.Generator().manual_seed(int(v)) for v in t.tolist()]
+        mask = self.random_mask(b, gens, torch.Generator().manual_seed(int(t.sum()))).to(images.device)
+        z = self.predict_z(tokens, mask, labels, force_drop_ids)
         mul = c.diffusion_batch_mul
-        target, zz = tokens.reshape(b * L, d).repeat(mul, 1), z.reshape(b * L, -1).repeat(mul, 1)
-        t = torch.randint(0, 1000, (len(target),), generator=generator).to(images.device)
-        noise = torch.randn(target.shape, generator=generator).to(images.device)
-        terms = self.diffloss(target, zz, t, noise)
-        w = mask.reshape(b * L).repeat(mul).float().view(mul, b, L).permute(1, 0, 2).reshape(b, -1)
-        per_token = terms["loss"].view(mul, b, L).permute(1, 0, 2).reshape(b, -1)
-        return {"loss": (per_token * w).sum(1) / w.sum(1), "z": z, "mask": mask}
+        head_t = torch.stack([torch.randint(0, 1000, (mul * L,), generator=g) for g in gens]).to(images.device)
+        noise = torch.stack([torch.randn(mul * L, d, generator=g) for g in gens]).to(images.device)
+        target = tokens.repeat(1, mul, 1)  # (B, mul*L, d): each token mul times
+        terms = self.diffloss(target.reshape(-1, d), z.repeat(1, mul, 1).reshape(b * mul * L, -1), head_t.reshape(-1),
+                              noise.reshape(-1, d))
+        w = mask.repeat(1, mul).float()
+        per_token = terms["loss"].view(b, mul * L)
+        return {"loss": (per_token * w).sum(1) / w.sum(1), "output": terms["output"].view(b, mul * L, -1),
+                "weight": w, "mask": mask}
+
+    # --- training --------------------------------------------------------------------------------
+    def random_mask(self, b, order_gens, ratio_gen):
+        """Random orders (one generator per sample), then the first ceil(L * r) masked, r from MAR's
+        truncated normal on [mask_ratio_min, 1]."""
+        from scipy.stats import truncnorm
+
+        lo = (self.config.mask_ratio_min - 1.0) / 0.25
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ratio_gen))
+        rate = truncnorm.rvs(lo, 0, loc=1.0, scale=0.25, random_state=np.random.default_rng(seed))
+        orders = torch.stack([torch.argsort(torch.rand(self.seq_len, generator=g)) for g in order_gens])
+        n = int(math.ceil(self.seq_len * rate))
+        mask = torch.zeros(b, self.seq_len, dtype=torch.bool)
+        mask.scatter_(1, orders[:, :n], True)
+        return mask
 
     # --- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -311,7 +345,7 @@ class MAR(nn.Module):
             if cfg != 1.0:
                 lab = torch.cat([labels, torch.full_like(labels, self.config.class_num)])
                 toks, msk = torch.cat([tokens, tokens]), torch.cat([mask, mask])
-            z = self(toks, msk, lab)
+            z = self.predict_z(toks, msk, lab)
             # how many stay masked after this step: cosine schedule, at least one fewer, at least one left
             left = int(math.floor(L * math.cos(math.pi / 2 * (step + 1) / num_iter)))
             left = max(1, min(int(mask[0].sum()) - 1, left))
@@ -328,6 +362,36 @@ class MAR(nn.Module):
             if progress is not None:
                 progress.update(1)
         return self.unpatchify(tokens)
+
+
+class MARObjective:
+    """MAR's loss behind the interface the trainers use for GaussianDiffusion: `model_fn(x, t)` is the
+    MAR forward on clean images with per-sample seeds t; there is no noising outside the model."""
+
+    learned_variance = False
+    num_timesteps = 1000
+
+    def model_timesteps(self, t):
+        return t
+
+    def q_sample(self, x0, t, noise):
+        return x0  # the model masks and noises its own tokens
+
+    def training_losses(self, model_fn, x0, t, noise=None):
+        """The trainers' t (in [0, 1000)) and noise, both drawn from their seeded generator, become one
+        seed per sample (1000 values of t alone would repeat masks); the teacher gets the same seeds."""
+        noise = torch.randn_like(x0) if noise is None else noise
+        seeds = t.long().cpu() * 1_000_003 + (noise.flatten(1).double().abs().sum(1).cpu() * 1e6).long() % 1_000_003
+        out = model_fn(x0, seeds)
+        return {"loss": out["loss"], "mse": out["loss"], "output": out, "x_t": x0, "model_t": seeds}
+
+    @staticmethod
+    def output_kd(student_out, teacher_out):
+        """Per sample: MSE of the head's eps predictions over the masked tokens (same noised tokens)."""
+        c = student_out["output"].shape[-1] // 2
+        err = ((student_out["output"][..., :c] - teacher_out["output"][..., :c].detach()) ** 2).mean(-1)
+        w = student_out["weight"]
+        return (err * w).sum(1) / w.sum(1)
 
 
 def prune_mar(model, kept_encoder, kept_decoder):
@@ -380,29 +444,28 @@ def config_from_state_dict(sd, **overrides):
     return cfg
 
 
-def load_mar(path, **overrides):
-    """An official MAR checkpoint (.pth with "model_ema"/"model", EMA preferred) or our safetensors."""
-    from ..checkpoint import read
+def mar_from_state_dict(sd, info, where, **overrides):
+    """A MAR in eval mode from a state dict; sizes from our metadata, else read from the keys."""
     from ..errors import UserError
 
-    if path.endswith((".pth", ".pt")):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # one line for any unreadable file
-            raise UserError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
-        for key in ("model_ema", "model"):
-            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-        sd, info = obj, {}
+    meta = dict(info.get("config", {}))
+    if meta.get("encoder_embed_dim"):
+        meta.update(overrides)
+        cfg = MARConfig(**{k: v for k, v in meta.items() if k in MARConfig.__dataclass_fields__})
     else:
-        sd, info = read(path)
-    meta = info.get("config", {})
-    cfg = MARConfig(**meta) if meta.get("encoder_embed_dim") else config_from_state_dict(sd, **overrides)
+        cfg = config_from_state_dict(sd, **overrides)
     model = MAR(cfg)
     try:
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{path}: keys or shapes do not match a MAR ({str(e).splitlines()[1][:200]})") from None
+        raise UserError(f"{where}: keys or shapes do not match a MAR ({str(e).splitlines()[1].strip()[:200]})") from None
     model.provenance = info
     return model.eval()
+
+
+def load_mar(path, **overrides):
+    """An official MAR checkpoint (.pth with "model_ema"/"model", EMA preferred) or our safetensors."""
+    from ..checkpoint import read
+
+    sd, info = read(path)
+    return mar_from_state_dict(sd, info, path, **overrides)

@@ -55,12 +55,16 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Run
         raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend in ("cpp", "onnxruntime") and (torch.device(device).type != "cpu" or dtype != torch.float32):
         raise UserError(f"the {backend} backend runs float32 on the CPU, not {dtype} on {device}")
-    if isinstance(ckpt, DiT):
+    if isinstance(ckpt, torch.nn.Module):
         model = ckpt
     else:
         from ..checkpoint import load as load_checkpoint
 
         model = load_checkpoint(ckpt)
+    if not isinstance(model, DiT):  # MAR samples itself; the fused and exported paths are DiT's
+        if backend != "eager":
+            raise UserError(f"the {backend} backend runs DiT/SiT models; a {type(model).__name__} runs eager only")
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if backend == "eager":
         forward = model.forward
