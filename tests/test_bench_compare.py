@@ -41,3 +41,22 @@ def test_compare_table(tmp_path, capsys):
     assert code == 0 and "| pruned | 6 |" in out and "2.00x" in out
     code, _, err = run_main(main, ["nolabel"], capsys)
     assert_one_line_error(code, err, "NAME=PATH")
+
+
+def test_prune_compare_quick_covers_a_sit_teacher(tmp_path):
+    """The same bench on a SiT: every step reads the flow objective from the checkpoint's metadata."""
+    m = tiny_dit(in_channels=1, num_classes=10, depth=4, hidden_size=32, num_heads=2, learn_sigma=False)
+    m.config.objective = "flow"
+    teacher = tmp_path / "sit.safetensors"
+    tinyfusion.save(m, str(teacher))
+    out = tmp_path / "out" / "prune_compare.json"
+    res = run_module([sys.executable, os.path.join(ROOT, "bench", "prune_compare.py"), "--quick", "--teacher", str(teacher),
+                      "--methods", "learnable-1:2-lora", "bi", "learnable-1:2-lora+maskedkd", "--results", str(out),
+                      "--work", str(tmp_path / "work")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"learnable-1:2-lora", "bi", "learnable-1:2-lora+maskedkd"}
+    sampler = json.loads((tmp_path / "work" / "recover" / "bi" / "seed0" / "eval-long.json").read_text())["sampler"]
+    assert sampler["name"] == "heun"  # evaluated with the flow sampler
+    recovered = tinyfusion.load(str(tmp_path / "work" / "recover" / "bi" / "seed0" / "recovered.safetensors"))
+    assert recovered.config.objective == "flow"
