@@ -236,6 +236,18 @@ def test_prune_cli_on_a_flux_folder_writes_a_loadable_folder(tmp_path, capsys, m
     loaded = load_folder(str(out / "pruned"))
     assert type(loaded).__name__ == "FluxTransformer2DModel" and block_stack(loaded).depths == [1, 2]
     assert json.loads((out / "pruned" / "tinyfusion.json").read_text())["kept"] == d["kept"]
+    if method == "learnable":  # recovery with Masked KD against the source folder, written back as a folder
+        from tinyfusion.finetune import main as finetune_main
+
+        code, _, err = run_main(finetune_main, ["--ckpt", str(out / "pruned"), "--cond", str(tmp_path / "bank.pt"),
+                                                "--data-path", str(tmp_path / "lat"), "--steps", "2", "--global-batch-size", "8",
+                                                "--log-every", "1", "--num-workers", "0"], capsys)
+        assert code == 0, err
+        m = json.loads((out / "recover-masked" / "metrics.json").read_text())
+        assert m["objective"] == "flow" and "hidden_kd" in m["loss_curve"][0] and m["alignment"]
+        recovered = load_folder(str(out / "recover-masked" / "recovered"))
+        assert block_stack(recovered).depths == [1, 2]
+        assert json.loads((out / "recover-masked" / "recovered" / "tinyfusion.json").read_text())["kd"] == "masked"
     code, _, err = run_main(prune_main, [*argv[:4], "--data-path", str(tmp_path / "lat"), "--groups", "[[1,3],[2,3]]",
                                          "--out", str(tmp_path / "bad")], capsys)
     assert code == 2 and "straddles" in err and "Traceback" not in err

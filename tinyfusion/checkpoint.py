@@ -210,6 +210,31 @@ def save(model, path, dtype=None, **provenance):
     atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={META_KEY: json.dumps(info), "format": "pt"}))
 
 
+def save_model(model, out, name, **provenance):
+    """Our models as out/<name>.safetensors; a diffusers transformer (or a DiffusersDenoiser around one) as
+    the folder out/<name>/ that from_pretrained loads, provenance in its tinyfusion.json. Atomic both ways."""
+    model = getattr(model, "diffusers_model", model)
+    if not hasattr(model, "save_pretrained"):
+        path = os.path.join(out, f"{name}.safetensors")
+        save(model, path, **provenance)
+        return path
+    import shutil
+
+    os.makedirs(out, exist_ok=True)
+    folder, tmp = os.path.join(out, name), tempfile.mkdtemp(dir=out, prefix=".tmp-")
+    try:
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "tinyfusion.json"), "w") as f:
+            json.dump(provenance, f, indent=2)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 def atomic_write(path, write):
     """Call write(tmp_path) then rename over `path`, so a crash never leaves a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -53,6 +53,7 @@ def parse_args(argv):
     k.add_argument("--mask-k", type=positive(float), default=2.0, help="mask hidden values beyond k std")
     d = p.add_argument_group("data and run")
     d.add_argument("--data-path", help="latent folder; default: the digits set")
+    d.add_argument("--cond", help="diffusers PixArt/SD3/Flux folders: the conditioning bank used when pruning")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", help="run folder (default: <pruned folder>/recover-<kd>)")
     d.add_argument("--resume", action="store_true")
@@ -107,19 +108,30 @@ def check_lineage(args, student, teacher, info):
     return alignment(info.get("groups") or [[t.depth, t.depth]], kept)
 
 
+def load_model(args, path):
+    """Our checkpoints (DiT, SiT, MAR), or a diffusers PixArt/SD3/Flux folder behind DiT's call."""
+    from .models.diffusers_denoiser import is_diffusers_transformer_folder, load_denoiser
+
+    if is_diffusers_transformer_folder(path):
+        if not args.data_path:
+            raise UserError(f"{path} is a diffusers transformer: give --data-path with its latents (and --cond)")
+        return load_denoiser(path, args.cond)
+    return checkpoint.load(path, model=args.model)
+
+
 @cli
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_run(args.global_batch_size, args.out)
     torch.manual_seed(args.seed)
-    student = checkpoint.load(args.ckpt, model=args.model)
+    student = load_model(args, args.ckpt)
     info = student.provenance
     teacher, pairs = None, []
     teacher_path = resolve_teacher(args, info) if args.kd != "none" or args.teacher else None
     if teacher_path is None and info.get("source") and os.path.exists(info["source"]):
         teacher_path = info["source"]  # plain fine-tuning needs no teacher, but checks lineage when it can
     if teacher_path is not None:
-        teacher = checkpoint.load(teacher_path, model=args.model)
+        teacher = load_model(args, teacher_path)
         if teacher.config.objective != student.config.objective:
             raise UserError(f"student ({student.config.objective}) and teacher ({teacher.config.objective}) "
                             "were trained with different objectives")
@@ -148,13 +160,13 @@ def main(argv=None):
     provenance.update(recovered_from=os.path.abspath(args.ckpt), kd=args.kd, teacher=getattr(teacher, "provenance", {}).get("source"))
 
     def snapshot(ema, step):
-        checkpoint.save(ema, os.path.join(args.out, f"recovered-step{step}.safetensors"), **provenance, recovery_steps=step)
+        checkpoint.save_model(ema, args.out, f"recovered-step{step}", **provenance, recovery_steps=step)
 
     t0 = time.time()
     ema = rec.run(state_path, snapshot, args.snapshots)
     if rank == 0:
         wall = time.time() - t0
-        checkpoint.save(ema, os.path.join(args.out, "recovered.safetensors"), **provenance, recovery_steps=args.steps)
+        written = checkpoint.save_model(ema, args.out, "recovered", **provenance, recovery_steps=args.steps)
         metrics = {"kd": args.kd, "objective": ema.config.objective, "kd_weights": asdict(cfg.weights), "steps": args.steps,
                    "skipped_steps": rec.skipped, "wall_seconds_this_run": round(wall, 1),
                    "alignment": pairs, "loss_curve": rec.curve}
@@ -168,7 +180,7 @@ def main(argv=None):
             m = metrics["evaluation"]
             log.write(f"digits-FID {m['digits_fid']:.3f} (floor {m['real_floor_fid']:.3f}), class accuracy {m['class_accuracy']:.4f}")
         log.metrics(metrics)
-        log.write(f"recovered {c.depth}-layer model ({args.kd}, {args.steps} steps, {wall:.0f}s): {args.out}/recovered.safetensors")
+        log.write(f"recovered {c.depth}-layer model ({args.kd}, {args.steps} steps, {wall:.0f}s): {written}")
     cleanup()
 
 

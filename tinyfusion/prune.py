@@ -214,39 +214,18 @@ def main(argv=None):
     cleanup()
 
 
-def save_pruned(model, out, name, provenance):
-    """Our models as <name>.safetensors; a diffusers transformer as the folder <name>/ (loads with
-    from_pretrained), provenance in its tinyfusion.json. Both written atomically."""
-    if isinstance(model, torch.nn.Module) and hasattr(model, "save_pretrained"):
-        import shutil
-        import tempfile
-
-        folder = os.path.join(out, name)
-        tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-")
-        model.save_pretrained(tmp)
-        with open(os.path.join(tmp, "tinyfusion.json"), "w") as f:
-            json.dump(provenance, f, indent=2)
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        return folder
-    path = os.path.join(out, f"{name}.safetensors")
-    checkpoint.save(model, path, **provenance)
-    return path
-
-
 def write_artifacts(args, source, final, kept, groups, loss, extra):
     depth = block_stack(source).depth
     scheme = None if args.groups else args.scheme
     shallow = prune_model(final, kept)
     provenance = {"source": os.path.abspath(args.ckpt), "kept": kept, "source_depth": depth, "method": args.method,
                   "scheme": scheme, "groups": groups, "keep_update": bool(args.keep_update)}
-    written = save_pruned(shallow, args.out, "pruned", provenance)
+    written = checkpoint.save_model(shallow, args.out, "pruned", **provenance)
     if args.method == "random-search":
         for name in ("median", "max"):
             pick = extra["picks"][name]
-            save_pruned(prune_model(final, pick["kept"]), args.out, f"pruned-{name}",
-                        {**provenance, "kept": pick["kept"], "pick": name})
+            checkpoint.save_model(prune_model(final, pick["kept"]), args.out, f"pruned-{name}",
+                                  **{**provenance, "kept": pick["kept"], "pick": name})
     decision = {"method": args.method, "scheme": scheme, "groups": groups, "kept": kept, "source_depth": depth,
                 "calibration_loss": loss, "calibration_samples": args.calib_samples, "source": provenance["source"],
                 "args": {k: v for k, v in vars(args).items()}, **extra}

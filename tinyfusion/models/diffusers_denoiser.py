@@ -47,12 +47,21 @@ class DiffusersDenoiser(nn.Module):
         in_ch = c.in_channels // 4 if name == "FluxTransformer2DModel" else c.in_channels  # Flux packs 2x2 patches
         out_ch = getattr(c, "out_channels", None) or in_ch
         flow = name in ("SD3Transformer2DModel", "FluxTransformer2DModel")
+        from .stack import block_stack
+
         self.config = SimpleNamespace(
             objective="flow" if flow else "diffusion", path="linear", prediction="velocity",
+            depth=block_stack(model).depth, hidden_size=c.num_attention_heads * c.attention_head_dim,
+            patch_size=c.patch_size, family=name,
             learn_sigma=not flow and out_ch == 2 * in_ch, in_channels=in_ch,
             num_classes=(c.num_embeds_ada_norm if name == "DiTTransformer2DModel" else rows.pop() - 1),
             class_dropout_prob=class_dropout_prob, input_size=getattr(c, "sample_size", None),
         )
+
+    @property
+    def diffusers_model(self):
+        """What checkpoint.save_model writes: the wrapped diffusers model."""
+        return self.model
 
     def _bank(self, key, y):
         return getattr(self, f"bank_{key}")[y]
@@ -124,9 +133,17 @@ def load_bank(path):
 
 def load_denoiser(folder, cond=None, class_dropout_prob=0.1):
     """A diffusers transformer folder (any supported class) as a DiffusersDenoiser."""
+    import json
+
     from .diffusers_stacks import load_folder
 
-    return DiffusersDenoiser(load_folder(folder), load_bank(cond) if cond else None, class_dropout_prob)
+    den = DiffusersDenoiser(load_folder(folder), load_bank(cond) if cond else None, class_dropout_prob)
+    info = os.path.join(folder, "tinyfusion.json")  # written beside a pruned or recovered folder
+    den.provenance = {"source": os.path.abspath(folder)}
+    if os.path.isfile(info):
+        with open(info) as f:
+            den.provenance = json.load(f)
+    return den
 
 
 def is_diffusers_transformer_folder(path):
