@@ -11,3 +11,14 @@ def test_shipped_teacher_meets_the_bar():
     m = evaluate(model, 500, settings, splits=10)
     assert m["class_accuracy"] >= 0.95, m
     assert m["digits_fid"] <= 1.5 * m["real_floor_fid"], m
+
+
+def test_shipped_sit_teacher_meets_the_same_bar():
+    from tinyfusion.assets import SIT_TEACHER_PATH
+
+    model = tinyfusion.load(SIT_TEACHER_PATH, model="sit")
+    assert model.config.objective == "flow" and model.config.depth == 12 and model.provenance["preset"] == "digits-sit"
+    settings = {"name": "heun", "steps": 25, "cfg_scale": 1.5, "guidance_channels": "all", "seed": 1}
+    m = evaluate(model, 500, settings, splits=10)
+    assert m["class_accuracy"] >= 0.95, m
+    assert m["digits_fid"] <= 1.5 * m["real_floor_fid"], m
