@@ -84,6 +84,8 @@ def main(argv=None):
         except ValueError as e:
             raise UserError(str(e)) from None
     model = checkpoint.load(args.ckpt, expect=expect, **overrides)
+    if args.to == "diffusers" and type(model).__name__ != "DiT":
+        raise UserError(f"{args.ckpt} is a {type(model).__name__}; only DiT has a diffusers DiTTransformer2DModel form")
     if args.to == "diffusers":
         if os.path.isfile(args.out):
             raise UserError(f"--out {args.out} is a file; diffusers models are folders")
