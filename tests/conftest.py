@@ -54,6 +54,19 @@ def run_main(main, argv, capsys):
     return code, out.out, out.err
 
 
+def write_latent_folder(root, count, shape, num_classes, name="imagenet64"):
+    """`count` latent files of `shape` in the official layout (<name>_features/, <name>_labels/), label i % num_classes."""
+    import numpy as np
+
+    for sub in (f"{name}_features", f"{name}_labels"):
+        (root / sub).mkdir(parents=True)
+    g = np.random.default_rng(0)
+    for i in range(count):
+        np.save(root / f"{name}_features" / f"{i}.npy", g.normal(size=shape).astype(np.float32))
+        np.save(root / f"{name}_labels" / f"{i}.npy", np.array([i % num_classes]))
+    return root
+
+
 def free_port():
     """A TCP port nothing listens on now, for torchrun's rendezvous (fixed ports collide across runs)."""
     import socket

@@ -8,7 +8,7 @@ from tinyfusion.evaluate import main as evaluate_main
 from tinyfusion.sample import main as sample_main
 from tinyfusion.train import main as train_main
 
-from conftest import assert_one_line_error, free_port, run_main, run_module, tiny_dit
+from conftest import assert_one_line_error, free_port, run_main, run_module, tiny_dit, write_latent_folder
 
 TINY = ["--preset", "digits", "--depth", "2", "--global-batch-size", "16", "--log-every", "5"]
 
@@ -114,14 +114,7 @@ def test_cli_help_runs():
 
 def test_train_on_a_latent_folder(tmp_path, capsys):
     """The generic path: a named DiT on latents in the official layout (here DiT-S/2 at depth 1, 64px)."""
-    import numpy as np
-
-    for sub in ("imagenet64_features", "imagenet64_labels"):
-        (tmp_path / "lat" / sub).mkdir(parents=True)
-    g = np.random.default_rng(0)
-    for i in range(8):
-        np.save(tmp_path / "lat" / "imagenet64_features" / f"{i}.npy", g.normal(size=(2, 4, 8, 8)).astype(np.float32))
-        np.save(tmp_path / "lat" / "imagenet64_labels" / f"{i}.npy", np.array([i % 3]))
+    write_latent_folder(tmp_path / "lat", 8, (2, 4, 8, 8), 3)
     argv = ["--model", "DiT-S/2", "--depth", "1", "--data-path", str(tmp_path / "lat"), "--image-size", "64",
             "--num-classes", "3", "--steps", "3", "--global-batch-size", "4", "--num-workers", "0",
             "--results-dir", str(tmp_path), "--name", "lat"]

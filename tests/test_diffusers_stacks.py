@@ -212,19 +212,12 @@ def test_learnable_search_and_baselines_run_on_diffusers_stacks(tmp_path, name):
 def test_prune_cli_on_a_flux_folder_writes_a_loadable_folder(tmp_path, capsys, method):
     import json
 
-    import numpy as np
-
-    from conftest import run_main
+    from conftest import run_main, write_latent_folder
     from tinyfusion.prune import main as prune_main
 
     flux().save_pretrained(tmp_path / "flux")
     torch.save(bank(), tmp_path / "bank.pt")
-    for sub in ("p_features", "p_labels"):
-        (tmp_path / "lat" / sub).mkdir(parents=True)
-    g = np.random.default_rng(0)
-    for i in range(16):
-        np.save(tmp_path / "lat" / "p_features" / f"{i}.npy", g.normal(size=(1, 2, 8, 8)).astype(np.float32))
-        np.save(tmp_path / "lat" / "p_labels" / f"{i}.npy", np.array([i % 4]))
+    write_latent_folder(tmp_path / "lat", 16, (1, 2, 8, 8), 4, name="p")
     out = tmp_path / "run"
     argv = ["--ckpt", str(tmp_path / "flux"), "--cond", str(tmp_path / "bank.pt"), "--data-path", str(tmp_path / "lat"),
             "--method", method, "--steps", "2", "--global-batch-size", "8", "--calib-samples", "8", "--num-workers", "0",

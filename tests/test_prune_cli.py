@@ -12,7 +12,7 @@ import torch
 import tinyfusion
 from tinyfusion.prune import main as prune_main
 
-from conftest import ROOT, assert_one_line_error, free_port, run_main, run_module, tiny_dit
+from conftest import ROOT, assert_one_line_error, free_port, run_main, run_module, tiny_dit, write_latent_folder
 
 FAST = ["--global-batch-size", "16", "--calib-samples", "32", "--log-every", "5"]
 
@@ -138,14 +138,7 @@ def test_empty_latent_folder(tmp_path, capsys, tiny_teacher):
 
 def test_learnable_on_a_latent_folder_with_epochs(tmp_path, capsys):
     """The ImageNet-scale path: a 4-channel latent model, latents in the official layout, --epochs."""
-    import numpy as np
-
-    for sub in ("imagenet64_features", "imagenet64_labels"):
-        (tmp_path / "lat" / sub).mkdir(parents=True)
-    g = np.random.default_rng(0)
-    for i in range(24):
-        np.save(tmp_path / "lat" / "imagenet64_features" / f"{i}.npy", g.normal(size=(2, 4, 8, 8)).astype(np.float32))
-        np.save(tmp_path / "lat" / "imagenet64_labels" / f"{i}.npy", np.array([i % 5]))
+    write_latent_folder(tmp_path / "lat", 24, (2, 4, 8, 8), 5)
     ckpt = tmp_path / "latent.safetensors"
     tinyfusion.save(tiny_dit(depth=4), str(ckpt))
     out = tmp_path / "run"

@@ -218,21 +218,31 @@ def save_model(model, out, name, **provenance):
         path = os.path.join(out, f"{name}.safetensors")
         save(model, path, **provenance)
         return path
-    import shutil
-
-    os.makedirs(out, exist_ok=True)
-    folder, tmp = os.path.join(out, name), tempfile.mkdtemp(dir=out, prefix=".tmp-")
-    try:
+    def write(tmp):
         model.save_pretrained(tmp)
         with open(os.path.join(tmp, "tinyfusion.json"), "w") as f:
             json.dump(provenance, f, indent=2)
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    folder = os.path.join(out, name)
+    atomic_folder(folder, write)
     return folder
+
+
+def atomic_folder(path, write):
+    """Call write(tmp_folder) then replace `path` with it, so a crash never leaves a half-written folder."""
+    import shutil
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    try:
+        write(tmp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
 
 
 def atomic_write(path, write):

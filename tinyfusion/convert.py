@@ -11,8 +11,6 @@ slightly (as it does in diffusers' own conversion); loaded back through tinyfusi
 """
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 
@@ -50,20 +48,13 @@ def write_diffusers(model, out_dir):
         raise UserError(f"diffusers' DiT has a fixed MLP ratio of 4; this model has {cfg.mlp_ratio}")
     if cfg.class_dropout_prob <= 0:
         raise UserError("diffusers' DiT always has a null-class row; this model has none")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-diffusers-")
-    try:
+    def write(tmp):
         sd = dit_to_diffusers(model.state_dict())
         save_file(sd, os.path.join(tmp, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(diffusers_config(cfg), f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+
+    checkpoint.atomic_folder(out_dir, write)
 
 
 @cli

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..diffusion.gaussian import create_diffusion
-from .dit import timestep_embedding
+from .dit import Attention, TimestepEmbedder
 
 
 @dataclass
@@ -83,20 +83,7 @@ class MARConfig:
 MAR_FAMILY = {"base": (768, 12, 12), "large": (1024, 16, 16), "huge": (1280, 20, 16)}
 
 
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
+class Mlp(nn.Module):  # timm's: exact GELU (DiT's Mlp uses the tanh approximation)
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
@@ -116,15 +103,6 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-
-    def forward(self, t):
-        return self.mlp(timestep_embedding(t, 256))
 
 
 class ResBlock(nn.Module):
