@@ -1,22 +1,52 @@
 #!/usr/bin/env bash
-# One prepared check for an NVIDIA machine: installs nothing, runs in under 8 minutes, writes JSON under
-# $OUT (default bench/results/gpu/) and prints a short table last.
+# One prepared check for an NVIDIA machine: installs nothing from the network, ends within $BUDGET seconds
+# (default 450), writes its JSON, CSV, PNG and log into $OUT/gpu_check.tgz (default bench/results/gpu/),
+# re-packed after every stage (the device tool returns at most 8 files). Stages, most important first, each
+# under its own timeout and each leaving its file even when a later one is cut off:
 #   1. the GPU tests (Triton kernels compiled for real, bf16 included) against fp32 references
-#   2. measured ceilings (copy bandwidth, bf16 GEMM rate) and each fused kernel against eager and
-#      torch.compile at DiT-XL/2 shapes (hidden 1152, 256 tokens, batch 32 to 256)
-#   3. bench/latency.py --preset xl on cuda: eager, compile and triton, bf16, batch 64, CUDA graphs,
-#      DiT-XL/2 at 28, 21, 14 and 7 layers
+#   2. bench/latency.py --preset xl, eager beside triton, bf16, batch 64, CUDA graphs: DiT-XL/2 at 28/21/14/7
+#   3. bench/latency_stacks.py --preset gpu: diffusers DiT/PixArt/SD3/Flux at XL width, 28 blocks (needs
+#      diffusers; carry its wheel in .whl/, see bench/README or the device notes)
+#   4. bench/kernels.py: measured ceilings, then each fused kernel against eager and torch.compile
+#   5. bench/latency.py again, eager beside compile (Inductor compiles once per width)
+#   6. a CPU subset of the test suite on this machine's torch (checks the code on another torch version)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 PY=${PYTHON:-python3}
+BUDGET=${BUDGET:-450}
+RES=$(mktemp -d)
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec > >(tee "$RES/log.txt") 2>&1
+if ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried for packages the machine lacks (diffusers)
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # compiled kernels (tests/conftest.py would otherwise choose the interpreter)
-$PY -c "import json, torch, triton, datetime; print(json.dumps({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'triton': triton.__version__, 'date': datetime.date.today().isoformat()}))" > "$OUT/device.json"
-cat "$OUT/device.json"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-timeout 120 $PY bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tail -20
-timeout 240 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 --backends eager compile triton \
-    --cuda-graphs --repeats 20 --json "$OUT/latency_xl.json" 2>&1 | tail -8
-echo "results in $OUT"
+
+stage() {  # stage NAME SECONDS COMMAND...: run under min(SECONDS, what is left of BUDGET)
+    local name=$1 limit=$2 left=$((BUDGET - SECONDS)); shift 2
+    ((left < limit)) && limit=$left
+    if ((limit < 20)); then echo "== $name: skipped, budget spent"; return; fi
+    echo "== $name (at ${SECONDS}s, limit ${limit}s)"
+    timeout "$limit" "$@"
+    echo "== $name: exit $? after ${SECONDS}s"
+    tar czf "$OUT/gpu_check.tgz" -C "$RES" .
+}
+
+$PY -c "import json, torch, triton, datetime; print(json.dumps({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'triton': triton.__version__, 'date': datetime.date.today().isoformat()}))" > "$RES/device.json"
+cat "$RES/device.json"
+stage "GPU tests" 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$RES/gpu_tests.xml"
+stage "latency xl: eager, triton" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
+    --backends eager triton --cuda-graphs --repeats 20 --json "$RES/latency_xl.json"
+stage "latency of the diffusers stacks" 120 $PY bench/latency_stacks.py --preset gpu --device cuda --dtype bf16 \
+    --repeats 10 --json "$RES/latency_stacks_gpu.json"
+stage "kernels" 90 $PY bench/kernels.py --batches 32 128 --json "$RES/kernels.json"
+stage "latency xl: eager, compile" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
+    --backends eager compile --cuda-graphs --repeats 20 --no-width --json "$RES/latency_xl_compile.json"
+stage "CPU tests on this torch" 90 env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -x -p no:cacheprovider -n 12 \
+    tests/test_model.py tests/test_diffusion.py tests/test_flow.py tests/test_sit.py tests/test_mar.py \
+    tests/test_diffusers_stacks.py tests/test_pruning.py tests/test_checkpoint.py --junitxml="$RES/cpu_tests.xml"
+echo "results in $OUT/gpu_check.tgz after ${SECONDS}s"
+tar czf "$OUT/gpu_check.tgz" -C "$RES" .

@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from tinyfusion.checkpoint import atomic_write  # noqa: E402
 from tinyfusion.errors import Parser, UserError, cli, positive  # noqa: E402
 
 D, N, HEADS, MLP = 1152, 256, 16, 4608  # DiT-XL/2 at 256 tokens
@@ -102,9 +103,8 @@ def main(argv=None):
             result["kernels"].append(row)
             print(f"{name:<26} batch {batch:>3}: " + "  ".join(f"{k} {v['ms']:.3f} ms ({v['rate']:.0f})"
                   for k, v in row.items() if isinstance(v, dict)), flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+        # after every batch, so a run cut off by a timeout still leaves what it measured
+        atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
 
 
 if __name__ == "__main__":

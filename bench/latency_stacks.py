@@ -7,6 +7,7 @@ inputs; then the fit t(L) = a + b*L, its R^2, and the half-depth speedup against
 
   python bench/latency_stacks.py                              # all four families, CPU preset
   python bench/latency_stacks.py --families flux --fractions 1 0.5 --repeats 20
+  python bench/latency_stacks.py --preset gpu --device cuda --dtype bf16    # XL width, 28 blocks
   python bench/latency_stacks.py --folder path/to/transformer --device cuda --dtype bf16
 
 Outputs a table, --json (default bench/results/latency_stacks_<preset>.json) and a PNG beside it.
@@ -28,8 +29,11 @@ from tinyfusion.checkpoint import atomic_write  # noqa: E402
 from tinyfusion.errors import Parser, UserError, cli, positive, writable_file  # noqa: E402
 from tinyfusion.models.stack import block_stack  # noqa: E402
 
-# DiT-S/2-like widths (6 heads x 64), 12 blocks (Flux: 4 double + 8 single), 256 image tokens, 64 text tokens.
-PRESETS = {"cpu": dict(heads=6, head_dim=64, depth=12, batch=2, text=64), "tiny": dict(heads=2, head_dim=8, depth=4, batch=1, text=4)}
+# cpu: DiT-S/2-like widths (6 heads x 64), 12 blocks (Flux: 4 double + 8 single), 256 image tokens, 64 text tokens.
+# gpu: DiT-XL/2's width (1152 = 18 heads x 64, so Flux's rotary axes stay even) and depth 28 (Flux: 9 + 19).
+PRESETS = {"cpu": dict(heads=6, head_dim=64, depth=12, batch=2, text=64),
+           "gpu": dict(heads=18, head_dim=64, depth=28, batch=16, text=120),
+           "tiny": dict(heads=2, head_dim=8, depth=4, batch=1, text=4)}
 
 
 def build(family, p):
@@ -104,6 +108,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.fractions[0] != 1.0 or any(not 0 < f <= 1 for f in args.fractions):
         raise UserError("--fractions must start at 1 and lie in (0, 1]")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA device here (use --device cpu)")
     args.batch = args.batch or PRESETS[args.preset]["batch"]
     args.json = args.json or os.path.join(ROOT, "bench", "results", f"latency_stacks_{args.preset}.json")
     writable_file(args.json)
