@@ -7,9 +7,11 @@
 #   2. bench/latency.py --preset xl, eager beside triton, bf16, batch 64, CUDA graphs: DiT-XL/2 at 28/21/14/7
 #   3. bench/latency_stacks.py --preset gpu: diffusers DiT/PixArt/SD3/Flux at XL width, 28 blocks (needs
 #      diffusers; carry its wheel in .whl/, see bench/README or the device notes)
-#   4. bench/kernels.py: measured ceilings, then each fused kernel against eager and torch.compile
+#   4. bench/kernels.py: measured ceilings, each fused kernel against eager and torch.compile, and our
+#      flash-attention kernel over several tile sizes against SDPA
 #   5. bench/latency.py again, eager beside compile (Inductor compiles once per width)
-#   6. a CPU subset of the test suite on this machine's torch (checks the code on another torch version)
+#   6. bench/latency.py at 28 and 14 with TINYFUSION_ATTENTION=triton (our attention kernel, not SDPA)
+#   7. a CPU subset of the test suite on this machine's torch (checks the code on another torch version)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -25,8 +27,10 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # compiled kernels (tests/conftest.py would otherwise choose the interpreter)
 
-stage() {  # stage NAME SECONDS COMMAND...: run under min(SECONDS, what is left of BUDGET)
-    local name=$1 limit=$2 left=$((BUDGET - SECONDS)); shift 2
+ONLY=${ONLY:-tests latency stacks kernels compile attention cpu}  # a rerun can name just the stages it needs
+stage() {  # stage KEY NAME SECONDS COMMAND...: run under min(SECONDS, what is left of BUDGET)
+    local key=$1 name=$2 limit=$3 left=$((BUDGET - SECONDS)); shift 3
+    [[ " $ONLY " == *" $key "* ]] || return 0
     ((left < limit)) && limit=$left
     if ((limit < 20)); then echo "== $name: skipped, budget spent"; return; fi
     echo "== $name (at ${SECONDS}s, limit ${limit}s)"
@@ -37,15 +41,18 @@ stage() {  # stage NAME SECONDS COMMAND...: run under min(SECONDS, what is left 
 
 $PY -c "import json, torch, triton, datetime; print(json.dumps({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'triton': triton.__version__, 'date': datetime.date.today().isoformat()}))" > "$RES/device.json"
 cat "$RES/device.json"
-stage "GPU tests" 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$RES/gpu_tests.xml"
-stage "latency xl: eager, triton" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
+stage tests "GPU tests" 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$RES/gpu_tests.xml"
+stage latency "latency xl: eager, triton" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
     --backends eager triton --cuda-graphs --repeats 20 --json "$RES/latency_xl.json"
-stage "latency of the diffusers stacks" 120 $PY bench/latency_stacks.py --preset gpu --device cuda --dtype bf16 \
+stage stacks "latency of the diffusers stacks" 120 $PY bench/latency_stacks.py --preset gpu --device cuda --dtype bf16 \
     --repeats 10 --json "$RES/latency_stacks_gpu.json"
-stage "kernels" 90 $PY bench/kernels.py --batches 32 128 --json "$RES/kernels.json"
-stage "latency xl: eager, compile" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
+stage kernels "kernels" 90 $PY bench/kernels.py --batches 32 128 --attention-sweep --json "$RES/kernels.json"
+stage compile "latency xl: eager, compile" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
     --backends eager compile --cuda-graphs --repeats 20 --no-width --json "$RES/latency_xl_compile.json"
-stage "CPU tests on this torch" 90 env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -x -p no:cacheprovider -n 12 \
+stage attention "latency xl: triton with our attention kernel" 90 env TINYFUSION_ATTENTION=triton \
+    $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 --backends eager triton --depths 28 14 \
+    --cuda-graphs --repeats 20 --no-width --json "$RES/latency_xl_triton_attention.json"
+stage cpu "CPU tests on this torch" 90 env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -x -p no:cacheprovider -n 12 \
     tests/test_model.py tests/test_diffusion.py tests/test_flow.py tests/test_sit.py tests/test_mar.py \
     tests/test_diffusers_stacks.py tests/test_pruning.py tests/test_checkpoint.py --junitxml="$RES/cpu_tests.xml"
 echo "results in $OUT/gpu_check.tgz after ${SECONDS}s"

@@ -4,7 +4,7 @@ Reports the measured ceilings first (device-to-device copy bandwidth, bf16 GEMM 
 and batch: median time (triton.testing.do_bench) and the bandwidth it achieves over the bytes the
 operation must move (attention: TFLOP/s over its FLOPs).
 
-  python bench/kernels.py --json OUT.json [--batches 32 64 128 256] [--dtype bf16]
+  python bench/kernels.py --json OUT.json [--batches 32 64 128 256] [--dtype bf16] [--attention-sweep]
 """
 import json
 import os
@@ -78,11 +78,44 @@ def cases(batch, dtype):
     }
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): the shipped tile first, then larger ones Hopper may prefer
+ATTENTION_TILES = [(64, 64, 4, None), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3),
+                   (64, 32, 4, 3), (128, 128, 8, 2)]
+
+
+def attention_sweep(batch, dtype):
+    """Our flash-attention kernel per tile (time, TFLOP/s, max error against fp32 SDPA) beside SDPA."""
+    from tinyfusion.kernels import ops
+
+    qkv = torch.randn(batch, N, 3, HEADS, D // HEADS, device="cuda", dtype=dtype)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2)
+    flops = 4 * batch * HEADS * N * N * (D // HEADS)
+    rows = [{"impl": "sdpa", "ms": bench(lambda: F.scaled_dot_product_attention(q, k, v))}]
+    for bm, bn, warps, stages in ATTENTION_TILES:
+        row = {"impl": "triton", "block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+        try:
+            got = ops.launch_flash_attention(q, k, v, bm, bn, warps, stages)
+            row["max_err"] = (got.float() - want).abs().max().item()
+            row["ms"] = bench(lambda: ops.launch_flash_attention(q, k, v, bm, bn, warps, stages))
+        except Exception as e:  # a tile that does not fit (shared memory) is reported, not fatal
+            row["error"] = str(e).splitlines()[0][:160]
+        rows.append(row)
+    for row in rows:
+        if "ms" in row:
+            row["tflops"] = flops / row["ms"] / 1e9
+        print("attention sweep: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in row.items()), flush=True)
+    return rows
+
+
 @cli
 def main(argv=None):
     p = Parser(prog="python bench/kernels.py", description=__doc__)
     p.add_argument("--batches", type=positive(), nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--attention-sweep", action="store_true",
+                   help="then time our flash-attention kernel over several tile sizes (at the first batch)")
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "kernels.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -104,6 +137,9 @@ def main(argv=None):
             print(f"{name:<26} batch {batch:>3}: " + "  ".join(f"{k} {v['ms']:.3f} ms ({v['rate']:.0f})"
                   for k, v in row.items() if isinstance(v, dict)), flush=True)
         # after every batch, so a run cut off by a timeout still leaves what it measured
+        atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
+    if args.attention_sweep:  # last, so the per-kernel table above is written whatever happens here
+        result["attention_sweep"] = attention_sweep(args.batches[0], dtype)
         atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
 
 

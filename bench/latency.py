@@ -142,7 +142,8 @@ def prepared_forward(rt, args):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     fn()
-                fn = graph.replay
+                # the graph reads x, t, y where they were at capture: keep them alive with it
+                fn = lambda graph=graph, inputs=(x, t, y): graph.replay()  # noqa: E731
             except RuntimeError as e:  # a backend that cannot be captured is timed without a graph, and says so
                 print(f"  {rt.backend}: no CUDA graph ({str(e).splitlines()[0][:120]})", flush=True)
     return fn

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 from tinyfusion import runtime  # noqa: E402
+from tinyfusion.errors import UserError  # noqa: E402
 from tinyfusion.kernels import INTERPRET, ops  # noqa: E402
 
 from conftest import inputs, tiny_dit  # noqa: E402
@@ -100,8 +101,23 @@ def test_flash_attention_against_sdpa(b, h, n, d, dtype):
     torch.testing.assert_close(out.double(), want, **TOL[dtype])
 
 
-def test_attention_dispatch_uses_triton_in_the_interpreter():
-    assert ops.attention_choice(torch.zeros(1, 1, 2, 4)) == "triton"
+def test_attention_dispatch_uses_triton_in_the_interpreter_and_obeys_the_override(monkeypatch):
+    q = torch.zeros(1, 1, 2, 4)
+    assert ops.attention_choice(q) == "triton"
+    monkeypatch.setenv("TINYFUSION_ATTENTION", "sdpa")
+    assert ops.attention_choice(q) == "sdpa"
+    monkeypatch.setenv("TINYFUSION_ATTENTION", "cudnn")
+    with pytest.raises(UserError, match="choose from flash-attn, sdpa, triton"):
+        ops.attention_choice(q)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16)])
+def test_flash_attention_tiles_other_than_the_default(block_m, block_n):
+    qkv = rand(2, 37, 3, 2, 24, seed=5, dtype=torch.float32)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = ops.launch_flash_attention(q, k, v, block_m, block_n)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).transpose(1, 2)
+    torch.testing.assert_close(out.double(), want, **TOL[torch.float32])
 
 
 def test_triton_backend_matches_eager():

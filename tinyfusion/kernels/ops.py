@@ -5,17 +5,20 @@ autograd for LayerNorm + modulation), and the attention dispatch.
     residual_ln_modulate_(x, branch, bias, gate, shift, scale, eps)   x += gate * (branch + bias);
                                                             branch <- LN(x) * (1 + scale) + shift
     bias_gelu_(h, bias)                                     h <- gelu_tanh(h + bias)
-    attention(q, k, v)  (B, H, N, d) views -> (B, N, H, d): flash-attn, else our Triton kernel, else SDPA
+    attention(q, k, v)  (B, H, N, d) views -> (B, N, H, d): flash-attn, else SDPA (our Triton kernel in the
+                        interpreter, or when TINYFUSION_ATTENTION=triton)
 
 x is (B, N, D) contiguous; shift/scale/gate are (B, D) rows with unit stride along D (views into the
 batched adaLN output are fine). Statistics and accumulation are fp32 for fp32/fp16/bf16 inputs.
 """
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import UserError
 from . import INTERPRET, next_power_of_2
 from .adaln import ln_modulate_bwd_kernel, ln_modulate_fwd_kernel, residual_ln_modulate_kernel
 from .attention import flash_attention_fwd_kernel
@@ -109,16 +112,20 @@ def _(h, bias):
 @torch.library.custom_op("tinyfusion_triton::flash_attention", mutates_args=())
 def flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """(B, H, N, d) views in, (B, N, H, d) contiguous out (so the output projection reads it as is)."""
+    return launch_flash_attention(q, k, v, *((16, 16) if INTERPRET else (64, 64)))
+
+
+def launch_flash_attention(q, k, v, block_m, block_n, num_warps=4, num_stages=None):
+    """The kernel launch behind flash_attention, with its tile sizes open (bench/kernels.py sweeps them)."""
     B, H, N, d = q.shape
     out = torch.empty(B, N, H, d, device=q.device, dtype=q.dtype)
     o = out.transpose(1, 2)
-    block_m, block_n = (16, 16) if INTERPRET else (64, 64)
     grid = (-(-N // block_m), B * H)
     flash_attention_fwd_kernel[grid](q, k, v, o, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                                      k.stride(2), v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1),
                                      o.stride(2), H, N, d, d ** -0.5, BLOCK_M=block_m, BLOCK_N=block_n,
                                      BLOCK_D=max(16, next_power_of_2(d)), IEEE=q.dtype == torch.float32,
-                                     num_warps=4)
+                                     num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     return out
 
 
@@ -139,15 +146,24 @@ def _flash_attn_func():
 _logged = set()
 
 
+ATTENTION_CHOICES = ("flash-attn", "sdpa", "triton")
+
+
 def attention_choice(q):
-    """flash-attn for fp16/bf16 on CUDA when installed; else our Triton kernel on CUDA (or in the
-    interpreter); else SDPA. Logged once per choice."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_func() is not None:
-        choice = "flash-attn"
-    elif q.is_cuda or INTERPRET:
-        choice = "triton"
-    else:
-        choice = "sdpa"
+    """flash-attn for fp16/bf16 on CUDA when installed; else PyTorch's SDPA (its own flash kernel) on CUDA,
+    which ran 3.3-3.6x faster than our Triton kernel at DiT-XL/2 shapes on an H200 (bench/kernels.py,
+    bench/results/gpu_h200.md); our kernel in the interpreter (tests). TINYFUSION_ATTENTION overrides.
+    Logged once per choice."""
+    choice = os.environ.get("TINYFUSION_ATTENTION")
+    if choice not in (None, "", *ATTENTION_CHOICES):
+        raise UserError(f"TINYFUSION_ATTENTION={choice!r}: choose from {', '.join(ATTENTION_CHOICES)}")
+    if not choice:
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_func() is not None:
+            choice = "flash-attn"
+        else:
+            choice = "triton" if INTERPRET else "sdpa"
+    elif choice == "flash-attn" and _flash_attn_func() is None:
+        raise UserError("TINYFUSION_ATTENTION=flash-attn: the flash-attn package is not installed")
     if choice not in _logged:
         _logged.add(choice)
         log.info("attention: %s", choice)
