@@ -85,6 +85,16 @@ def test_generation_is_seeded_guided_and_fills_every_token():
     assert not torch.allclose(a, m.sample(labels, num_iter=4, cfg=2.0, temperature=0.5, head_steps=5, seed=3))
 
 
+def test_clip_tokens_keeps_pixel_tokens_in_range_where_the_raw_head_blows_up():
+    m = tiny_mar()
+    labels = torch.tensor([0, 7])
+    raw = m.sample(labels, num_iter=4, head_steps=20, seed=1)
+    assert raw.abs().max() > 10  # an inexact eps at alpha_bar ~ 1e-8 is multiplied ~1e4 (see MARConfig)
+    m.config.clip_tokens = True
+    clipped = m.sample(labels, num_iter=4, head_steps=20, seed=1)
+    assert clipped.abs().max() <= 1 and torch.isfinite(clipped).all() and clipped.std() > 0.1
+
+
 @torch.no_grad()
 def test_pruned_mar_equals_the_masked_full_model():
     m = tiny_mar()

@@ -22,3 +22,14 @@ def test_shipped_sit_teacher_meets_the_same_bar():
     m = evaluate(model, 500, settings, splits=10)
     assert m["class_accuracy"] >= 0.95, m
     assert m["digits_fid"] <= 1.5 * m["real_floor_fid"], m
+
+
+def test_shipped_mar_teacher_meets_the_same_bar():
+    from tinyfusion.assets import MAR_TEACHER_PATH
+
+    model = tinyfusion.load(MAR_TEACHER_PATH)
+    assert model.config.objective == "mar" and model.config.clip_tokens and model.provenance["preset"] == "digits-mar"
+    settings = {"name": "mar", "steps": 16, "cfg_scale": 1.5, "guidance_channels": "all", "seed": 1, "temperature": 1.0}
+    m = evaluate(model, 500, settings, splits=10)
+    assert m["class_accuracy"] >= 0.95, m
+    assert m["digits_fid"] <= 1.5 * m["real_floor_fid"], m

@@ -39,7 +39,7 @@ PRESETS = {
     "digits-mar": dict(
         config=MARConfig(img_size=8, vae_stride=1, patch_size=2, vae_embed_dim=1, encoder_embed_dim=128, encoder_depth=6,
                          encoder_num_heads=4, decoder_embed_dim=128, decoder_depth=6, decoder_num_heads=4, class_num=10,
-                         class_rows=10, buffer_size=4, diffloss_d=3, diffloss_w=128),
+                         class_rows=10, buffer_size=4, diffloss_d=3, diffloss_w=128, clip_tokens=True),
         steps=5000, global_batch_size=128, lr=5e-4, ema_decay=0.999, warmup=200, name="digits-mar-teacher",
     ),
 }

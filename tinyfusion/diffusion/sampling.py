@@ -32,10 +32,10 @@ def cfg_model_fn(model, labels, cfg_scale, null_label, guidance_channels=None):
 
 
 @torch.no_grad()
-def ddpm_loop(diffusion, model_fn, x, generator=None, progress=None, temperature=1.0):
+def ddpm_loop(diffusion, model_fn, x, generator=None, progress=None, temperature=1.0, clip_denoised=False):
     for i in reversed(range(diffusion.num_timesteps)):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-        out = diffusion.p_mean_variance_from_output(model_fn(x, diffusion.model_timesteps(t)), x, t)
+        out = diffusion.p_mean_variance_from_output(model_fn(x, diffusion.model_timesteps(t)), x, t, clip_denoised)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = out["mean"] + (i > 0) * torch.exp(0.5 * out["log_variance"]) * noise * temperature
         if progress is not None:

@@ -42,6 +42,10 @@ class MARConfig:
     diffloss_d: int = 3
     diffloss_w: int = 1024
     diffusion_batch_mul: int = 4
+    # Clip the head's x0 prediction to [-1, 1] while sampling: right for pixel tokens in [-1, 1] (the digits
+    # MAR), not for VAE latents (official MARs, off). The cosine schedule's first step (alpha_bar 2.4e-9)
+    # multiplies the eps error by 2e4, which a small head's error (rmse 0.02) turns into tokens of +-3000.
+    clip_tokens: bool = False
 
     def to_dict(self):
         return asdict(self)
@@ -160,14 +164,15 @@ class DiffLoss(nn.Module):
         return self.train_diffusion.training_losses(lambda xt, tt: self.net(xt, tt, z), target, t, noise)
 
     @torch.no_grad()
-    def sample(self, z, steps=100, temperature=1.0, cfg=1.0, generator=None):
+    def sample(self, z, steps=100, temperature=1.0, cfg=1.0, generator=None, clip=False):
         from ..diffusion.sampling import ddpm_loop
 
         diffusion = create_diffusion(str(steps), schedule="cosine")
         c = self.net.in_channels
         if cfg == 1.0:
             noise = torch.randn(len(z), c, generator=generator, device=z.device)
-            return ddpm_loop(diffusion, lambda x, t: self.net(x, t, z), noise, generator, temperature=temperature)
+            return ddpm_loop(diffusion, lambda x, t: self.net(x, t, z), noise, generator, temperature=temperature,
+                             clip_denoised=clip)
         half = torch.randn(len(z) // 2, c, generator=generator, device=z.device)
 
         def guided(x, t):
@@ -177,7 +182,8 @@ class DiffLoss(nn.Module):
             g = uncond + cfg * (cond - uncond)
             return torch.cat([torch.cat([g, g]), rest], dim=1)
 
-        return ddpm_loop(diffusion, guided, torch.cat([half, half]), generator, temperature=temperature)
+        return ddpm_loop(diffusion, guided, torch.cat([half, half]), generator, temperature=temperature,
+                         clip_denoised=clip)
 
 
 class MAR(nn.Module):
@@ -331,7 +337,7 @@ class MAR(nn.Module):
             predict = mask if step == num_iter - 1 else mask & ~mask_next
             cfg_iter = 1 + (cfg - 1) * (L - left) / L  # Muse's linear guidance schedule
             rows = torch.cat([predict, predict]) if cfg != 1.0 else predict
-            new = self.diffloss.sample(z[rows], head_steps, temperature, cfg_iter, g)
+            new = self.diffloss.sample(z[rows], head_steps, temperature, cfg_iter, g, self.config.clip_tokens)
             if cfg != 1.0:
                 new = new[: len(new) // 2]
             tokens = tokens.clone()
