@@ -154,3 +154,35 @@ def test_prune_finetune_sample_and_evaluate_with_model_mar(tmp_path, capsys):
     assert code == 2 and "is a MAR checkpoint" in err
     code, _, err = run_main(sample_main, ["--ckpt", str(teacher), "--backend", "cpp", "--out", str(tmp_path / "x.png")], capsys)
     assert code == 2 and "eager only" in err
+
+
+def test_torchrun_two_gloo_ranks_train_prune_and_finetune_a_mar(tmp_path):
+    """DDP over MAR: train (from the preset), the learnable search and Masked KD. Each rank draws its own mask
+    ratio (one per batch, as official MAR does per GPU), so unlike DiT the decision may differ from one rank's."""
+    import json
+
+    import tinyfusion
+    from conftest import free_port, run_module
+
+    def torchrun(*args):
+        return run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *args])
+
+    res = torchrun("-m", "tinyfusion.train", "--preset", "digits-mar", "--steps", "3", "--global-batch-size", "8",
+                   "--results-dir", str(tmp_path), "--name", "t")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["world_size"] == 2
+    teacher = tmp_path / "mar.safetensors"
+    tinyfusion.save(tiny_mar(), str(teacher))
+    args = ["--ckpt", str(teacher), "--model", "mar", "--steps", "6", "--global-batch-size", "8", "--calib-samples", "16",
+            "--seed", "3"]
+    two = torchrun("-m", "tinyfusion.prune", *args, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    d = json.loads((tmp_path / "two" / "decision.json").read_text())
+    assert d["groups"] == [[1, 2]] * 4 and len(d["kept"]) == 4 and d["history"][-1]["step"] == 6
+    assert all(h["loss"] == h["loss"] for h in d["history"])  # finite
+    res = torchrun("-m", "tinyfusion.finetune", "--ckpt", str(tmp_path / "two" / "pruned.safetensors"), "--steps", "2",
+                   "--global-batch-size", "8", "--eval-samples", "0", "--out", str(tmp_path / "rec"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((tmp_path / "rec" / "metrics.json").read_text())
+    assert m["objective"] == "mar" and len(m["loss_curve"]) >= 1
+    assert all(v == v for p in m["loss_curve"] for v in p.values())  # finite

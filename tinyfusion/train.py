@@ -135,8 +135,7 @@ def main(argv=None):
                              (cfg.in_channels, cfg.input_size, cfg.input_size))
     if args.resume:
         data.load_state(data_state)
-    # MAR leaves z_proj unused when a batch masks every token
-    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=isinstance(model, MAR)) if world > 1 else model
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     log = RunLog(run_dir, enabled=rank == 0)
     if rank == 0:
         log.write(f"{'resuming at step ' + str(start) if start else 'starting'}: {json.dumps(cfg.to_dict())}")
