@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .gaussian import prediction_mse
+
 PATHS = ("linear", "gvp")
 PREDICTIONS = ("velocity", "noise", "score")
 
@@ -147,7 +149,12 @@ class FlowObjective:
         output = model_fn(x_t, tc)
         pred = output[:, : x1.shape[1]]
         mse = ((pred - target(self.path, self.prediction, x1, noise, tc)) ** 2).flatten(1).mean(1)
-        return {"mse": mse, "loss": mse, "output": output, "x_t": x_t}
+        return {"mse": mse, "loss": mse, "output": output, "x_t": x_t, "model_t": tc}
+
+    @staticmethod
+    def output_kd(student_out, teacher_out, channels):
+        """Masked KD's output term per sample: MSE of the predictions (the first `channels` channels)."""
+        return prediction_mse(student_out, teacher_out, channels)
 
 
 def create_objective(config):

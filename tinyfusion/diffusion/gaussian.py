@@ -77,6 +77,10 @@ def mean_flat(x):
     return x.mean(dim=list(range(1, x.ndim)))
 
 
+def prediction_mse(student_out, teacher_out, channels):
+    return mean_flat((student_out[:, :channels] - teacher_out[:, :channels]) ** 2)
+
+
 class GaussianDiffusion:
     """Epsilon prediction with learned-range variance (learn_sigma) or fixed small variance."""
 
@@ -151,9 +155,10 @@ class GaussianDiffusion:
         """DiT's loss: eps-MSE plus the VB term that trains the variance (mean detached from the VB)."""
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
-        output = model_fn(x_t, self.model_timesteps(t))
+        model_t = self.model_timesteps(t)
+        output = model_fn(x_t, model_t)
         eps, var_values = self.split_output(output, x_t)
-        terms = {"mse": mean_flat((noise - eps) ** 2), "output": output, "x_t": x_t}
+        terms = {"mse": mean_flat((noise - eps) ** 2), "output": output, "x_t": x_t, "model_t": model_t}
         if var_values is not None:
             frozen = torch.cat([eps.detach(), var_values], dim=1)
             terms["vb"] = self.vb_terms_bpd(frozen, x_start, x_t, t)
@@ -161,6 +166,11 @@ class GaussianDiffusion:
         else:
             terms["loss"] = terms["mse"]
         return terms
+
+    @staticmethod
+    def output_kd(student_out, teacher_out, channels):
+        """Masked KD's output term per sample: MSE of the predictions (the first `channels` channels)."""
+        return prediction_mse(student_out, teacher_out, channels)
 
 
 def create_diffusion(timestep_respacing="", learn_sigma=True, num_timesteps=1000, schedule="linear"):

@@ -370,7 +370,7 @@ class MARObjective:
         return {"loss": out["loss"], "mse": out["loss"], "output": out, "x_t": x0, "model_t": seeds}
 
     @staticmethod
-    def output_kd(student_out, teacher_out):
+    def output_kd(student_out, teacher_out, channels=None):
         """Per sample: MSE of the head's eps predictions over the masked tokens (same noised tokens)."""
         c = student_out["output"].shape[-1] // 2
         err = ((student_out["output"][..., :c] - teacher_out["output"][..., :c].detach()) ** 2).mean(-1)

@@ -116,12 +116,9 @@ class Recovery:
         if cfg.kd == "none":
             return parts["diffusion"], parts
         with torch.no_grad():
-            t_out, t_hidden = self.teacher_net(terms["x_t"], terms.get("model_t", self.diffusion.model_timesteps(t)), y, drop)
+            t_out, t_hidden = self.teacher_net(terms["x_t"], terms["model_t"], y, drop)
         s_out, c = terms["output"], x.shape[1]
-        if hasattr(self.diffusion, "output_kd"):  # MAR: the diffusion head's predictions
-            kd = self.diffusion.output_kd(s_out, t_out)
-        else:
-            kd = ((s_out[:, :c] - t_out[:, :c]) ** 2).mean(dim=list(range(1, x.ndim)))
+        kd = self.diffusion.output_kd(s_out, t_out, c)  # MAR: the diffusion head's eps on the masked tokens
         if self.diffusion.learned_variance and s_out.shape[1] == 2 * c:
             kd = kd + variance_kd(self.diffusion, s_out, t_out, terms["x_t"], t)
         parts["output_kd"] = kd.mean()
