@@ -6,7 +6,7 @@
 #   1. the GPU tests (Triton kernels compiled for real, bf16 included) against fp32 references
 #   2. bench/latency.py --preset xl, eager beside triton, bf16, batch 64, CUDA graphs: DiT-XL/2 at 28/21/14/7
 #   3. bench/latency_stacks.py --preset gpu: diffusers DiT/PixArt/SD3/Flux at XL width, 28 blocks (needs
-#      diffusers; carry its wheel in .whl/, see bench/README or the device notes)
+#      diffusers: `pip download --no-deps -d .whl diffusers importlib_metadata` and carry .whl/)
 #   4. bench/kernels.py: measured ceilings, each fused kernel against eager and torch.compile, and our
 #      flash-attention kernel over several tile sizes against SDPA
 #   5. bench/latency.py again, eager beside compile (Inductor compiles once per width)
