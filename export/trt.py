@@ -68,7 +68,7 @@ def main(argv=None):
         onnx_path, report = args.onnx, {"onnx": args.onnx, "parity": {}}
         os.makedirs(args.out, exist_ok=True)
     else:
-        report = export_from_args(args)
+        report = export_from_args(args, dit_only=True)
         onnx_path = os.path.join(args.out, "model.onnx")
         shapes = validate_onnx(onnx_path)
     try:
@@ -82,7 +82,7 @@ def main(argv=None):
     engine = rt_trt.build_engine(onnx_path, profile, shapes, args.engine_cache or os.path.join(args.out, "engines"),
                                  args.timing_cache or os.path.join(args.out, "timing.cache"), args.precision)
     if args.ckpt:  # parity of the engine against PyTorch fp32 on the GPU
-        model = load_model(args).cuda().float().eval()
+        model = load_model(args, dit_only=True).cuda().float().eval()
         cfg = "cfg_scale" in shapes
         reference = ExportedDiT(model, cfg, None if args.guidance_channels == "all" else 3)
         forward = rt_trt.TensorRTForward(engine)

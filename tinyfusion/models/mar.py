@@ -104,8 +104,8 @@ class Block(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -274,6 +274,25 @@ class MAR(nn.Module):
     def predict_z(self, tokens, mask, labels, drop=None):
         """z for every position: (B, L, decoder width). mask (B, L) bool: True = unknown, to predict."""
         return self.forward_decoder(self.forward_encoder(tokens, mask, self.class_embedding(labels, drop)), mask)
+
+    def predict_z_static(self, tokens, mask, labels):
+        """predict_z with static shapes, for export: the encoder runs over every position and attention hides
+        the masked ones (instead of dropping them), so per-sample mask counts may differ. Equal to predict_z
+        up to float summation order (tested)."""
+        c = self.config
+        x = self.z_proj(tokens)
+        b, _, e = x.shape
+        class_emb = self.class_embedding(labels)
+        x = torch.cat([class_emb[:, None].expand(b, c.buffer_size, e), x], dim=1)
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
+        keep = torch.cat([torch.ones(b, c.buffer_size, dtype=torch.bool, device=x.device), ~mask], dim=1)
+        for blk in self.encoder_blocks:
+            x = blk(x, keep[:, None, None, :])
+        x = self.decoder_embed(self.encoder_norm(x))
+        x = torch.where(keep[..., None], x, self.mask_token.to(x.dtype)) + self.decoder_pos_embed_learned
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_norm(x)[:, c.buffer_size:] + self.diffusion_pos_embed_learned
 
     def forward(self, images, t, labels, force_drop_ids=None):
         """One training evaluation in the shared trainers' call: `t` (B,) integer seeds make everything

@@ -61,9 +61,12 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Run
         from ..checkpoint import load as load_checkpoint
 
         model = load_checkpoint(ckpt)
-    if not isinstance(model, DiT):  # MAR samples itself; the fused and exported paths are DiT's
+    if not isinstance(model, DiT):  # MAR samples itself, eager or through its two ONNX graphs
+        if backend == "onnxruntime" and type(model).__name__ == "MAR":
+            return mar_onnxruntime(model)
         if backend != "eager":
-            raise UserError(f"the {backend} backend runs DiT/SiT models; a {type(model).__name__} runs eager only")
+            raise UserError(f"the {backend} backend runs DiT/SiT models; a {type(model).__name__} runs eager or "
+                            "onnxruntime")
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if backend == "eager":
@@ -104,6 +107,19 @@ def triton_ops(device):
     from ..kernels import ops
 
     return ops
+
+
+def mar_onnxruntime(model):
+    """A MAR whose encoder-decoder and head run as ONNX graphs in onnxruntime (exported to a private folder)."""
+    import tempfile
+
+    from .onnx_mar import export_mar, onnx_mar
+
+    folder = tempfile.TemporaryDirectory(prefix="tinyfusion-onnx-mar-")
+    export_mar(model, folder.name)
+    rt = onnx_mar(model, folder.name, threads=torch.get_num_threads())
+    rt.onnx_folder = folder  # the graphs live as long as the model
+    return rt
 
 
 def exported_forward(model, backend):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError, positive
+from ..models.dit import DiT
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPSETS = (18, 19, 20)  # LayerNormalization is one node; decomposed attention; ORT CPU and TensorRT 10.x read them
@@ -238,23 +239,40 @@ def thresholds(args):
     return tuple(d if g is None else g for g, d in zip(given, default))
 
 
-def load_model(args):
+def load_model(args, dit_only=False):
     from ..checkpoint import load
     from ..errors import writable_file
 
     if not args.ckpt:
         raise UserError("--ckpt is required")
     writable_file(os.path.join(args.out, "parity.json"))
-    return load(args.ckpt)
+    model = load(args.ckpt)
+    if dit_only and not isinstance(model, DiT):
+        raise UserError(f"{args.ckpt} is a {type(model).__name__}: the TensorRT path covers DiT and SiT "
+                        "(a MAR's graphs run in onnxruntime: export/onnx.py)")
+    return model
 
 
-def export_from_args(args):
+def export_from_args(args, dit_only=False):
     """The ONNX stage of export/onnx.py and export/trt.py: load, export, verify, print the parity."""
-    model = load_model(args)
+    model = load_model(args, dit_only)
+    if type(model).__name__ == "MAR":
+        return export_mar_from_args(args, model)
     report = export_and_verify(model, args.out, args.opset, args.precision, args.cfg,
                                None if args.guidance_channels == "all" else 3, args.export_batch,
                                args.parity_batches, thresholds(args))
     for batch, m in report["parity"]["onnxruntime"].items():
         print(f"onnxruntime {batch}: " + (m if isinstance(m, str) else
               f"max_abs {m['max_abs']:.2e}  mean_abs {m['mean_abs']:.2e}  cosine {m['cosine']:.8f}"))
+    return report
+
+
+def export_mar_from_args(args, model):
+    from .onnx_mar import export_mar_and_verify
+
+    if args.cfg or args.precision != "fp32":
+        raise UserError("a MAR exports fp32 graphs without --cfg (its sampler applies guidance around them)")
+    report = export_mar_and_verify(model, args.out, args.opset, thresholds(args))
+    for name, m in report["parity"]["onnxruntime"].items():
+        print(f"onnxruntime {name}: max_abs {m['max_abs']:.2e}  mean_abs {m['mean_abs']:.2e}  cosine {m['cosine']:.8f}")
     return report
