@@ -71,6 +71,25 @@ def parse_args(argv):
     return args
 
 
+def not_applicable(prune_args, depths):
+    """Why a row cannot run on a teacher with these block-stack depths (a MAR: 6 and 6), or None."""
+    if "--scheme" in prune_args:
+        m = int(prune_args[prune_args.index("--scheme") + 1].split(":")[1])
+        if any(d % m for d in depths):
+            return f"M={m} does not divide the stack depths {depths}"
+    method, total = prune_args[prune_args.index("--method") + 1], sum(depths)
+    if (method == "first" and total // 2 <= total - depths[-1]) or (method == "last" and total // 2 <= total - depths[0]):
+        return f"keeping the {method} half of {depths} leaves a stack empty"
+    return None
+
+
+def stack_depths(teacher):
+    from tinyfusion.checkpoint import load
+    from tinyfusion.models.stack import block_stack
+
+    return list(block_stack(load(teacher)).depths)
+
+
 def load_results(path):
     if os.path.isfile(path):
         with open(path) as f:
@@ -271,10 +290,16 @@ def main(argv=None):
         results["wall_s"] = time.time() - t0
         save_results(args.results, results, args)
 
+    depths = stack_depths(teacher)
+
     def run_seed(seed):
         for name, prune_args, kd in METHODS:
             key = f"{name}/seed{seed}"
             if (args.methods and name not in args.methods) or key in results["units"]:
+                continue
+            reason = not_applicable(prune_args, depths)
+            if reason:
+                print(f"== {key}: skipped, {reason}", flush=True)
                 continue
             print(f"== {key}", flush=True)
             results["units"][key] = run_unit(args, teacher, name, prune_args, kd, seed, pruned_cache, results["units"])

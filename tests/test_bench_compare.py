@@ -60,3 +60,22 @@ def test_prune_compare_quick_covers_a_sit_teacher(tmp_path):
     assert sampler["name"] == "heun"  # evaluated with the flow sampler
     recovered = tinyfusion.load(str(tmp_path / "work" / "recover" / "bi" / "seed0" / "recovered.safetensors"))
     assert recovered.config.objective == "flow"
+
+
+def test_prune_compare_quick_covers_a_mar_teacher_and_skips_rows_that_cannot_apply(tmp_path):
+    """On a MAR (two stacks of 4): 2:4 runs, first/last would empty a stack and are skipped with the reason."""
+    from test_mar import tiny_mar
+
+    teacher = tmp_path / "mar.safetensors"
+    tinyfusion.save(tiny_mar(), str(teacher))
+    out = tmp_path / "out" / "prune_compare.json"
+    res = run_module([sys.executable, os.path.join(ROOT, "bench", "prune_compare.py"), "--quick", "--teacher", str(teacher),
+                      "--methods", "learnable-2:4-lora", "first", "last", "bi", "--results", str(out),
+                      "--work", str(tmp_path / "work")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"learnable-2:4-lora", "bi"}
+    assert "first/seed0: skipped, keeping the first half of [4, 4] leaves a stack empty" in res.stdout
+    assert "last/seed0: skipped" in res.stdout
+    sampler = json.loads((tmp_path / "work" / "recover" / "bi" / "seed0" / "eval-long.json").read_text())["sampler"]
+    assert sampler["name"] == "mar"

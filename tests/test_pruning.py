@@ -172,3 +172,16 @@ def test_random_search_orders_min_median_max():
     assert len(losses) == 6  # only C(4, 2) distinct masks exist
     assert picks["min"][0] <= picks["median"][0] <= picks["max"][0]
     assert picks["min"][0] == pytest.approx(calibration_loss(m, d, calib, kept=picks["min"][1]))
+
+
+def test_random_baselines_keep_every_stack_alive():
+    from math import comb
+
+    from tinyfusion.pruning.baselines import count_valid_masks, keeps_every_stack, random_mask
+
+    assert count_valid_masks([12], 6) == comb(12, 6) and count_valid_masks([4, 4], 4) == comb(8, 4) - 2
+    assert count_valid_masks([2, 3], 3) == comb(5, 3) - 1  # only {2, 3, 4} empties the first stack
+    assert not keeps_every_stack([0, 1, 2, 3], [4, 4]) and keeps_every_stack([0, 1, 2, 4], [4, 4])
+    masks = [random_mask(8, 4, seed, [4, 4]) for seed in range(300)]
+    assert all(keeps_every_stack(m, [4, 4]) for m in masks) and len({tuple(m) for m in masks}) > 30
+    assert random_mask(12, 6, 3) == random_mask(12, 6, 3, [12])  # one stack: the draw is unchanged

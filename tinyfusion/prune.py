@@ -136,7 +136,8 @@ def run_learnable(args, model, groups, diffusion, rank, world, device, log):
 
 
 def run_baseline(args, model, groups, diffusion, calib, log):
-    depth = block_stack(model).depth
+    depths = block_stack(model).depths
+    depth = sum(depths)
     k = args.target_depth or sum(n for n, _ in groups)
     if k >= depth:
         raise UserError(f"target depth {k} is not below the model's depth {depth}")
@@ -153,7 +154,7 @@ def run_baseline(args, model, groups, diffusion, calib, log):
     if m == "oracle":
         return baselines.oracle(depth, k), {}
     if m == "random":
-        return baselines.random_mask(depth, k, args.seed), {}
+        return baselines.random_mask(depth, k, args.seed, depths), {}
     if m == "first":
         return list(range(k)), {}
     if m == "last":
@@ -171,7 +172,8 @@ def run_baseline(args, model, groups, diffusion, calib, log):
         from tqdm import tqdm
 
         with tqdm(total=args.candidates, desc="random-search", dynamic_ncols=True) as bar:
-            picks, all_losses = baselines.random_search(model, diffusion, calib, depth, k, args.candidates, args.seed, bar)
+            picks, all_losses = baselines.random_search(model, diffusion, calib, depth, k, args.candidates, args.seed, bar,
+                                                        depths)
         return picks["min"][1], {"picks": {n: {"calibration_loss": l, "kept": kp} for n, (l, kp) in picks.items()},
                                  "all_losses": all_losses}
     raise AssertionError(m)

@@ -69,21 +69,39 @@ def oracle(depth, k):
     return list(range(0, half, 2)) + list(range(half + 1, depth, 2))
 
 
-def random_mask(depth, k, seed):
-    g = np.random.default_rng(seed)
-    return sorted(int(i) for i in g.choice(depth, size=k, replace=False))
+def keeps_every_stack(kept, depths):
+    bounds = np.cumsum([0, *depths])
+    return all(any(lo <= i < hi for i in kept) for lo, hi in zip(bounds[:-1], bounds[1:]))
 
 
-def random_search(model, diffusion, calib, depth, k, candidates, seed, progress=None):
-    """Score `candidates` random k-of-depth masks; return the min-, median- and max-loss ones."""
-    g = np.random.default_rng(seed)
-    seen, scored = set(), []
+def count_valid_masks(depths, k):
+    """k-of-sum(depths) masks that keep a block in every stack (inclusion-exclusion over emptied stacks)."""
+    from itertools import combinations
     from math import comb
 
-    total = min(candidates, comb(depth, k))
+    depth = sum(depths)
+    return sum((-1) ** r * comb(depth - sum(s), k) for r in range(len(depths) + 1) for s in combinations(depths, r))
+
+
+def random_mask(depth, k, seed, depths=None):
+    """A seeded random k-of-depth mask; with several stacks (`depths`), one that keeps every stack alive."""
+    g = np.random.default_rng(seed)
+    while True:
+        kept = sorted(int(i) for i in g.choice(depth, size=k, replace=False))
+        if keeps_every_stack(kept, depths or [depth]):
+            return kept
+
+
+def random_search(model, diffusion, calib, depth, k, candidates, seed, progress=None, depths=None):
+    """Score `candidates` random k-of-depth masks (each keeping every stack of `depths` alive); return the
+    min-, median- and max-loss ones."""
+    g = np.random.default_rng(seed)
+    seen, scored = set(), []
+    depths = depths or [depth]
+    total = min(candidates, count_valid_masks(depths, k))
     while len(scored) < total:
         kept = tuple(sorted(int(i) for i in g.choice(depth, size=k, replace=False)))
-        if kept in seen:
+        if kept in seen or not keeps_every_stack(kept, depths):
             continue
         seen.add(kept)
         scored.append((calibration_loss(model, diffusion, calib, kept=list(kept)), list(kept)))
