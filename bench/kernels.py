@@ -124,6 +124,10 @@ def main(argv=None):
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
               "ceilings": ceilings(dtype), "kernels": []}
     print(f"copy {result['ceilings']['copy_gb_s']:.0f} GB/s, GEMM {result['ceilings']['gemm_tflops']:.0f} TFLOP/s")
+
+    def save():  # after every batch, so a run cut off by a timeout still leaves what it measured
+        atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
+
     for batch in args.batches:
         for name, (size, impls) in cases(batch, dtype).items():
             row = {"kernel": name, "batch": batch}
@@ -136,11 +140,10 @@ def main(argv=None):
             result["kernels"].append(row)
             print(f"{name:<26} batch {batch:>3}: " + "  ".join(f"{k} {v['ms']:.3f} ms ({v['rate']:.0f})"
                   for k, v in row.items() if isinstance(v, dict)), flush=True)
-        # after every batch, so a run cut off by a timeout still leaves what it measured
-        atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
+        save()
     if args.attention_sweep:  # last, so the per-kernel table above is written whatever happens here
         result["attention_sweep"] = attention_sweep(args.batches[0], dtype)
-        atomic_write(args.json, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
+        save()
 
 
 if __name__ == "__main__":

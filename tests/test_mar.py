@@ -207,17 +207,10 @@ def test_static_shape_encoder_decoder_equals_the_gathering_one():
 
 def test_onnx_export_of_a_pruned_mar_and_sampling_through_onnxruntime(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
     import tinyfusion
-    from conftest import ROOT
+    from test_export import run_tool as tool
     from tinyfusion import runtime
-
-    def tool(script, *argv):
-        return subprocess.run([sys.executable, os.path.join(ROOT, "export", script), *argv], cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
 
     stack = block_stack(tiny_mar())
     pruned = stack.prune([0, 2, 4, 7])

@@ -78,6 +78,7 @@ def mean_flat(x):
 
 
 def prediction_mse(student_out, teacher_out, channels):
+    """Per sample: MSE of two outputs' predictions (their first `channels` channels; the rest is variance)."""
     return mean_flat((student_out[:, :channels] - teacher_out[:, :channels]) ** 2)
 
 
@@ -167,10 +168,7 @@ class GaussianDiffusion:
             terms["loss"] = terms["mse"]
         return terms
 
-    @staticmethod
-    def output_kd(student_out, teacher_out, channels):
-        """Masked KD's output term per sample: MSE of the predictions (the first `channels` channels)."""
-        return prediction_mse(student_out, teacher_out, channels)
+    output_kd = staticmethod(prediction_mse)  # Masked KD's output term
 
 
 def create_diffusion(timestep_respacing="", learn_sigma=True, num_timesteps=1000, schedule="linear"):

@@ -11,6 +11,7 @@ autograd for LayerNorm + modulation), and the attention dispatch.
 x is (B, N, D) contiguous; shift/scale/gate are (B, D) rows with unit stride along D (views into the
 batched adaLN output are fine). Statistics and accumulation are fp32 for fp32/fp16/bf16 inputs.
 """
+import functools
 import logging
 import os
 
@@ -135,6 +136,7 @@ def _(q, k, v):
     return q.new_empty(B, N, H, d)
 
 
+@functools.cache  # asked on every attention call: a failed import would search sys.path each time
 def _flash_attn_func():
     try:
         from flash_attn import flash_attn_func

@@ -247,29 +247,37 @@ class MAR(nn.Module):
         return torch.where(null[:, None], self.fake_latent.expand_as(emb), emb)
 
     # --- the two transformer stacks ----------------------------------------------------------------
-    def forward_encoder(self, tokens, mask, class_emb):
-        c = self.config
+    def visible(self, mask):
+        """(B, buffer + L) bool: what the encoder sees, the class buffer and the known tokens."""
+        ones = torch.ones(mask.shape[0], self.config.buffer_size, dtype=torch.bool, device=mask.device)
+        return torch.cat([ones, ~mask], dim=1)
+
+    def encoder_input(self, tokens, class_emb):
         x = self.z_proj(tokens)
         b, _, e = x.shape
-        x = torch.cat([class_emb[:, None].expand(b, c.buffer_size, e), x], dim=1)
-        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
-        keep = torch.cat([torch.ones(b, c.buffer_size, dtype=torch.bool, device=x.device), ~mask], dim=1)
-        x = x[keep].reshape(b, -1, e)  # every sample masks the same number of tokens
+        x = torch.cat([class_emb[:, None].expand(b, self.config.buffer_size, e), x], dim=1)
+        return self.z_proj_ln(x + self.encoder_pos_embed_learned)
+
+    def decoder_output(self, x):
+        """Decoder blocks over every position (mask tokens filled in), then z for the image tokens."""
+        x = x + self.decoder_pos_embed_learned
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_norm(x)[:, self.config.buffer_size:] + self.diffusion_pos_embed_learned
+
+    def forward_encoder(self, tokens, mask, class_emb):
+        x = self.encoder_input(tokens, class_emb)
+        x = x[self.visible(mask)].reshape(x.shape[0], -1, x.shape[-1])  # every sample masks the same number
         for blk in self.encoder_blocks:
             x = blk(x)
         return self.encoder_norm(x)
 
     def forward_decoder(self, x, mask):
-        c = self.config
         x = self.decoder_embed(x)
-        b = x.shape[0]
-        keep = torch.cat([torch.ones(b, c.buffer_size, dtype=torch.bool, device=x.device), ~mask], dim=1)
-        full = self.mask_token.expand(b, keep.shape[1], -1).clone().to(x.dtype)
+        keep = self.visible(mask)
+        full = self.mask_token.expand(x.shape[0], keep.shape[1], -1).clone().to(x.dtype)
         full[keep] = x.reshape(-1, x.shape[-1])
-        x = full + self.decoder_pos_embed_learned
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_norm(x)[:, c.buffer_size:] + self.diffusion_pos_embed_learned
+        return self.decoder_output(full)
 
     def predict_z(self, tokens, mask, labels, drop=None):
         """z for every position: (B, L, decoder width). mask (B, L) bool: True = unknown, to predict."""
@@ -279,20 +287,12 @@ class MAR(nn.Module):
         """predict_z with static shapes, for export: the encoder runs over every position and attention hides
         the masked ones (instead of dropping them), so per-sample mask counts may differ. Equal to predict_z
         up to float summation order (tested)."""
-        c = self.config
-        x = self.z_proj(tokens)
-        b, _, e = x.shape
-        class_emb = self.class_embedding(labels)
-        x = torch.cat([class_emb[:, None].expand(b, c.buffer_size, e), x], dim=1)
-        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
-        keep = torch.cat([torch.ones(b, c.buffer_size, dtype=torch.bool, device=x.device), ~mask], dim=1)
+        keep = self.visible(mask)
+        x = self.encoder_input(tokens, self.class_embedding(labels))
         for blk in self.encoder_blocks:
             x = blk(x, keep[:, None, None, :])
         x = self.decoder_embed(self.encoder_norm(x))
-        x = torch.where(keep[..., None], x, self.mask_token.to(x.dtype)) + self.decoder_pos_embed_learned
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        return self.decoder_norm(x)[:, c.buffer_size:] + self.diffusion_pos_embed_learned
+        return self.decoder_output(torch.where(keep[..., None], x, self.mask_token.to(x.dtype)))
 
     def forward(self, images, t, labels, force_drop_ids=None):
         """One training evaluation in the shared trainers' call: `t` (B,) integer seeds make everything
