@@ -21,7 +21,7 @@ def test_train_resume_continues_where_it_stopped(tmp_path, capsys):
     assert code == 0, err
     assert "resuming at step 10" in out
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
-    assert [s for s, _ in metrics["loss_curve"]] == [5, 10, 15, 20]
+    assert [p["step"] for p in metrics["loss_curve"]] == [5, 10, 15, 20]
     model = tinyfusion.load(str(tmp_path / "r" / "model.safetensors"))
     assert model.config.depth == 2 and model.provenance["steps"] == 20
     assert (tmp_path / "r" / "loss.png").stat().st_size > 1000

@@ -26,6 +26,7 @@ from .errors import Parser, UserError, cli, positive
 from .recovery.finetune import FinetuneConfig, Recovery
 from .recovery.kd import KDWeights, alignment
 from .runlog import RunLog, plot_curve
+from .training import add_engine_args, engine_config
 
 
 def parse_args(argv):
@@ -62,7 +63,8 @@ def parse_args(argv):
     d.add_argument("--snapshot-steps", default="", help="comma-separated steps at which to also save EMA weights")
     d.add_argument("--eval-samples", type=int, default=1000, help="digits evaluation at the end (0 skips)")
     d.add_argument("--max-bad-steps", type=positive(), default=20, help="abort after this many non-finite losses in a row")
-    d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--num-workers", type=int, help="latent loader workers (default: 0 on the CPU, up to 8 per GPU)")
+    add_engine_args(p)
     args = p.parse_args(argv)
     if not 0 < args.ema_decay < 1:
         raise UserError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
@@ -147,14 +149,14 @@ def main(argv=None):
                          seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every,
                          max_bad_steps=args.max_bad_steps)
     diffusion = create_objective(student.config)
-    rec = Recovery(student, teacher, pairs, diffusion, data, cfg, rank, world, device)
     log = RunLog(args.out, enabled=rank == 0)
+    rec = Recovery(student, teacher, pairs, diffusion, data, cfg, rank, world, device, engine_config(args), log)
     log.write("command: " + " ".join(["python -m tinyfusion.finetune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
     state_path = os.path.join(args.out, "finetune_state.pt")
     if args.resume:
         if not os.path.isfile(state_path):
             raise UserError(f"--resume: no state at {state_path}")
-        rec.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
+        rec.resume(state_path)
         log.write(f"resuming at step {rec.step} of {args.steps}")
     provenance = {k: v for k, v in info.items() if k != "config"}
     provenance.update(recovered_from=os.path.abspath(args.ckpt), kd=args.kd, teacher=getattr(teacher, "provenance", {}).get("source"))
@@ -169,7 +171,7 @@ def main(argv=None):
         written = checkpoint.save_model(ema, args.out, "recovered", **provenance, recovery_steps=args.steps)
         metrics = {"kd": args.kd, "objective": ema.config.objective, "kd_weights": asdict(cfg.weights), "steps": args.steps,
                    "skipped_steps": rec.skipped, "wall_seconds_this_run": round(wall, 1),
-                   "alignment": pairs, "loss_curve": rec.curve}
+                   "alignment": pairs, "run": rec.engine.summary(), "loss_curve": rec.curve}
         plot_curve([(p["step"], p["loss"]) for p in rec.curve], os.path.join(args.out, "loss.png"), f"recovery loss ({args.kd})")
         c = ema.config
         if args.eval_samples > 0 and (c.in_channels, c.input_size, c.num_classes) == (1, 8, 10):

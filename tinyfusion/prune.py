@@ -35,6 +35,7 @@ from .pruning.plots import plot_decisions, plot_scores
 from .models.stack import block_stack
 from .pruning.surgery import prune_model
 from .runlog import RunLog
+from .training import add_engine_args, engine_config
 
 METHODS = ["learnable", "bi", "fluxlite", "sensitivity", "oracle", "random", "first", "last", "indices", "random-search"]
 
@@ -76,7 +77,8 @@ def parse_args(argv):
     d.add_argument("--resume", action="store_true", help="continue the search saved in --out")
     d.add_argument("--ckpt-every", type=positive(), default=100)
     d.add_argument("--log-every", type=positive(), default=10)
-    d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--num-workers", type=int, help="latent loader workers (default: 0 on the CPU, up to 8 per GPU)")
+    add_engine_args(p)
     args = p.parse_args(argv)
     args.ckpt = args.ckpt or default_teacher(args.model)
     if args.method not in METHODS:
@@ -122,16 +124,17 @@ def run_learnable(args, model, groups, diffusion, rank, world, device, log):
                        ema_decay=args.ema_decay, delta_w=args.delta_w, lora_rank=args.lora_rank,
                        lora_alpha=args.lora_alpha, class_dropout_prob=model.config.class_dropout_prob,
                        seed=args.seed, log_every=args.log_every, ckpt_every=args.ckpt_every)
-    search = LearnableSearch(model, diffusion, data, cfg, rank, world, device)
+    search = LearnableSearch(model, diffusion, data, cfg, rank, world, device, engine_config(args), log)
     state_path = os.path.join(args.out, "search_state.pt")
     if args.resume:
         if not os.path.isfile(state_path):
             raise UserError(f"--resume: no search state at {state_path}")
-        search.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
+        search.resume(state_path)
         log.write(f"resuming the search at step {search.step} of {steps}")
     choices = search.run(state_path)
     kept = kept_from_choices(groups, choices)
-    extra = {"history": search.history, "choices": choices, "skipped_steps": search.skipped, "steps": steps}
+    extra = {"history": search.history, "choices": choices, "skipped_steps": search.skipped, "steps": steps,
+             "run": search.engine.summary()}
     return kept, extra, search
 
 
@@ -197,17 +200,20 @@ def main(argv=None):
     log.write("command: " + " ".join(["python -m tinyfusion.prune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
     calib_data = make_batches(source.config, args.data_path, args.calib_samples, args.seed + 7919, num_workers=args.num_workers)
     calib = CalibrationSet.from_batches(calib_data, args.calib_samples, seed=args.seed)
-    source = source.to(device)
-
     if args.method == "learnable":
+        # The search trains a copy on the device while the source waits on the host: no second full
+        # model on the GPU. The paper's default saves the source's original weights of the kept layers.
         kept, extra, search = run_learnable(args, copy.deepcopy(source), groups, diffusion, rank, world, device, log)
+        final = None
         if args.keep_update:
             from .pruning.lora import merge_lora
 
             final = merge_lora(search.net.model).requires_grad_(False)
-        else:
-            final = source  # the paper's default: original weights of the kept layers
+        del search
+        source = source.to(device)
+        final = source if final is None else final
     else:
+        source = source.to(device)
         kept, extra = run_baseline(args, source, groups, diffusion, calib, log)
         final = source
     loss = calibration_loss(final, diffusion, calib, kept=kept)

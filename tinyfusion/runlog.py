@@ -1,6 +1,7 @@
 """A run folder's log.txt, metrics.json and PNG plots."""
 import json
 import os
+import sys
 import time
 
 from .checkpoint import atomic_write
@@ -52,3 +53,13 @@ def plot_curve(curve, path, title):
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+
+def progress(total, initial=0, desc=None, enabled=True):
+    """A tqdm bar that suits its stream: live on a terminal; on a file or pipe (SLURM logs) a plain line
+    at most every 60 s, so a long run does not fill its log with carriage-return updates."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=tty,
+                mininterval=0.1 if tty else 60, ncols=None if tty else 100, ascii=not tty)

@@ -1,9 +1,10 @@
 """Train a DiT: `python -m tinyfusion.train --preset digits` (the embedded teacher) or on latents.
 
-AdamW, EMA, gradient clipping, periodic atomic checkpoints, `--resume`, progress bar, and torchrun
-DDP (the global batch is split across ranks, rank 0 writes). Output in `runs/<name>/`:
-`model.safetensors` (EMA weights with config and provenance), `checkpoints/last.pt` (full state),
-`metrics.json` (loss curve), `loss.png`, `log.txt`.
+The shared training engine (`tinyfusion.training`): AdamW (fused), EMA, gradient clipping, bf16
+autocast on CUDA, periodic atomic checkpoints by step and wall time, `--resume` (exact: the same
+weights as an uninterrupted run), progress bar, and torchrun DDP (the global batch is split across
+ranks, rank 0 writes). Output in `runs/<name>/`: `model.safetensors` (EMA weights with config and
+provenance), `checkpoints/last.pt` (full state), `metrics.json` (loss curve, images/s), `loss.png`, `log.txt`.
 """
 import copy
 import json
@@ -12,7 +13,6 @@ import sys
 import time
 
 import torch
-from tqdm import tqdm
 
 from . import checkpoint
 from .diffusion import create_objective
@@ -20,8 +20,10 @@ from .distributed import cleanup, setup_run
 from .errors import Parser, UserError, cli, positive
 from .models import DiT, DiTConfig, config_from_name
 from .models.mar import MAR, MARConfig
-from .data.batches import DigitsBatches, LatentBatches
+from .data.batches import make_batches
 from .runlog import RunLog, plot_curve
+from .training import Engine, add_engine_args, engine_config
+from .training.denoising import DenoiserTraining, TrainConfig
 
 PRESETS = {
     # The embedded teacher: depth 12 so that 1:2, 2:4, 3:6 and 6:12 all apply (12 -> 6 mirrors 28 -> 14).
@@ -69,7 +71,9 @@ def parse_args(argv):
     p.add_argument("--ckpt-every", type=positive(), default=500, help="steps between resumable checkpoints")
     p.add_argument("--log-every", type=positive(), default=50)
     p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last.pt")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--max-bad-steps", type=positive(), default=20, help="abort after this many non-finite losses in a row")
+    p.add_argument("--num-workers", type=int, help="latent loader workers (default: 0 on the CPU, up to 8 per GPU)")
+    add_engine_args(p)
     args = p.parse_args(argv)
     preset = PRESETS.get(args.preset, {})
     for key in ("steps", "global_batch_size", "lr", "ema_decay", "warmup", "name"):
@@ -97,12 +101,6 @@ def parse_args(argv):
     return args
 
 
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-
-
 @cli
 def main(argv=None):
     args = parse_args(argv)
@@ -111,73 +109,36 @@ def main(argv=None):
     state_path = os.path.join(run_dir, "checkpoints", "last.pt")
     if args.resume and not os.path.isfile(state_path):
         raise UserError(f"--resume: no checkpoint at {state_path}")
-    torch.manual_seed(args.seed * 1000 + rank)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
 
     cfg = args.config
     model = (MAR(cfg) if isinstance(cfg, MARConfig) else DiT(cfg)).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    diffusion = create_objective(cfg)
-    start, curve = 0, []
-    if args.resume:
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start, curve = state["step"], json.loads(state["curve"])
-        torch.set_rng_state(state["rng"])
-        data_state = state["data"]
-    local_batch = args.global_batch_size // world
-    if args.preset in ("digits", "digits-sit", "digits-mar"):
-        data = DigitsBatches(args.global_batch_size, args.seed, rank, world)
-    else:
-        data = LatentBatches(args.data_path, local_batch, args.seed, rank, world, cfg.num_classes, args.num_workers,
-                             (cfg.in_channels, cfg.input_size, cfg.input_size))
-    if args.resume:
-        data.load_state(data_state)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    tc = TrainConfig(steps=args.steps, global_batch_size=args.global_batch_size, lr=args.lr, warmup=args.warmup,
+                     weight_decay=args.weight_decay, grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
+                     log_every=args.log_every, ckpt_every=args.ckpt_every, max_bad_steps=args.max_bad_steps)
+    data = make_batches(cfg, None if args.preset else args.data_path, args.global_batch_size, args.seed, rank, world,
+                        args.num_workers)
+    task = DenoiserTraining(model, create_objective(cfg), data, tc, rank, world)
     log = RunLog(run_dir, enabled=rank == 0)
+    engine = Engine(task, engine_config(args), rank, world, device, log)
+    if args.resume:
+        engine.resume(state_path)
     if rank == 0:
+        start = engine.step
         log.write(f"{'resuming at step ' + str(start) if start else 'starting'}: {json.dumps(cfg.to_dict())}")
         log.write("command: " + " ".join(["python -m tinyfusion.train", *(argv if argv is not None else sys.argv[1:])]))
-
-    model.train()
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0, desc="train", dynamic_ncols=True)
-    t0, running = time.time(), []
-    for step in bar:
-        x, y = data.next()
-        x, y = x.to(device), y.to(device)
-        for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
-        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-        loss = diffusion.training_losses(lambda xt, tt: net(xt, tt, y), x, t)["loss"].mean()
-        if not torch.isfinite(loss):
-            raise UserError(f"non-finite loss at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, model, args.ema_decay)
-        running.append(loss.item())
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            mean = sum(running) / len(running)
-            running = []
-            curve.append([done, mean])
-            bar.set_postfix(loss=f"{mean:.4f}")
-            log.write(f"step {done} loss {mean:.5f} ({time.time() - t0:.0f}s)", echo=False)
-        if rank == 0 and (done % args.ckpt_every == 0 or done == args.steps):
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": done,
-                     "curve": json.dumps(curve), "rng": torch.get_rng_state(), "data": data.state()}
-            checkpoint.atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        log.write(f"{engine.precision} on {device}, {world} rank(s), grad-accum {args.grad_accum}", echo=False)
+    t0 = time.time()
+    engine.run(state_path)
     if rank == 0:
         wall = time.time() - t0
-        checkpoint.save(ema, os.path.join(run_dir, "model.safetensors"), source="tinyfusion.train",
+        checkpoint.save(task.ema, os.path.join(run_dir, "model.safetensors"), source="tinyfusion.train",
                         preset=args.preset, steps=args.steps, seed=args.seed, global_batch_size=args.global_batch_size,
-                        lr=args.lr, ema_decay=args.ema_decay)
+                        lr=args.lr, ema_decay=args.ema_decay, precision=engine.precision)
+        curve = engine.curve
         log.metrics({"steps": args.steps, "wall_seconds_this_run": round(wall, 1), "world_size": world,
-                     "loss_curve": curve, "final_loss": curve[-1][1] if curve else None})
-        plot_curve(curve, os.path.join(run_dir, "loss.png"), "training loss (eps-MSE + VB)")
+                     "run": engine.summary(), "loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else None})
+        plot_curve([(p["step"], p["loss"]) for p in curve], os.path.join(run_dir, "loss.png"), "training loss (eps-MSE + VB)")
         log.write(f"done: {run_dir}/model.safetensors ({wall:.0f}s this run)")
     cleanup()
 

@@ -1,7 +1,13 @@
-"""Pre-extracted latents in the official layout: `<root>/<name>_features/*.npy` + `<root>/<name>_labels/*.npy`.
+"""Pre-extracted latents, in either of two layouts:
 
-Each feature file holds one latent (C, H, W) or a stack (K, C, H, W), e.g. the image and its horizontal
-flip; one of the K is drawn per access, as the official training code does.
+- files (the official one): `<root>/<name>_features/<i>.npy` + `<root>/<name>_labels/<i>.npy`;
+- shards (ours, for speed): `<root>/<name>_shards/features-rRRR.npy` (N, K, C, H, W) memory-mapped,
+  with `labels-rRRR.npy` (N,) and `filled-rRRR.npy` (N,) beside each, as `extract_features --layout
+  shards` writes them (one shard per rank). Opening one is three reads, not 2N file opens.
+
+Each sample holds one latent (C, H, W) or a stack (K, C, H, W), e.g. the image and its horizontal flip;
+the sampler hands each index a seeded draw that picks one of the K (the official code uses an unseeded
+np.random), so data order and flips replay exactly on K ranks and after a resume.
 """
 import glob
 import os
@@ -13,43 +19,91 @@ from ..errors import UserError
 
 
 def find_layout(root):
+    """('shards', folder) or ('files', features folder, labels folder)."""
     if not os.path.isdir(root):
         raise UserError(f"{root}: data folder does not exist")
+    shards = sorted(glob.glob(os.path.join(root, "*_shards")))
+    if shards and glob.glob(os.path.join(shards[0], "features-*.npy")):
+        return ("shards", shards[0])
     feats = sorted(glob.glob(os.path.join(root, "*_features")))
     if not feats:
-        raise UserError(f"{root}: no '*_features' folder (expected <name>_features/ and <name>_labels/)")
+        raise UserError(f"{root}: no '*_features' folder (expected <name>_features/ and <name>_labels/, or <name>_shards/)")
     labels = feats[0][: -len("_features")] + "_labels"
     if not os.path.isdir(labels):
         raise UserError(f"{root}: {os.path.basename(feats[0])} has no matching {os.path.basename(labels)} folder")
-    return feats[0], labels
+    return ("files", feats[0], labels)
+
+
+def shard_files(folder):
+    """(features, labels, filled) paths of every shard in folder, in rank order."""
+    out = []
+    for f in sorted(glob.glob(os.path.join(folder, "features-*.npy"))):
+        tag = os.path.basename(f)[len("features-"):]
+        out.append((f, os.path.join(folder, f"labels-{tag}"), os.path.join(folder, f"filled-{tag}")))
+    return out
 
 
 class LatentFolder(torch.utils.data.Dataset):
     def __init__(self, root, num_classes=None):
-        self.features_dir, self.labels_dir = find_layout(root)
-        self.names = sorted(n for n in os.listdir(self.features_dir) if n.endswith(".npy") and not n.startswith("."))
-        if not self.names:
-            raise UserError(f"{self.features_dir}: no .npy files")
-        missing = [n for n in self.names if not os.path.isfile(os.path.join(self.labels_dir, n))]
-        if missing:
-            raise UserError(f"{self.labels_dir}: no label file for {len(missing)} features (e.g. {missing[0]})")
+        self.layout = find_layout(root)
         self.num_classes = num_classes
-        self.latent_shape = tuple(self._features(0).shape[1:])
+        self._arrays = None  # shard memory maps, opened lazily in each worker process
+        if self.layout[0] == "files":
+            _, self.features_dir, self.labels_dir = self.layout
+            self.names = sorted(n for n in os.listdir(self.features_dir) if n.endswith(".npy") and not n.startswith("."))
+            if not self.names:
+                raise UserError(f"{self.features_dir}: no .npy files")
+            have = set(os.listdir(self.labels_dir))  # one listing, not one stat per sample
+            missing = [n for n in self.names if n not in have]
+            if missing:
+                raise UserError(f"{self.labels_dir}: no label file for {len(missing)} features (e.g. {missing[0]})")
+            self.labels, self.size = None, len(self.names)
+        else:
+            self.shards = shard_files(self.layout[1])
+            labels = []
+            for feats, labs, filled in self.shards:
+                if not (os.path.isfile(labs) and os.path.isfile(filled)):
+                    raise UserError(f"{feats}: its labels or filled file is missing (rerun extract_features)")
+                done = np.load(filled)
+                if not done.all():
+                    raise UserError(f"{feats}: {int((~done).sum())} of {len(done)} latents not written yet "
+                                    "(rerun extract_features to finish it)")
+                labels.append(np.load(labs).astype(np.int64))
+            self.labels = np.concatenate(labels)
+            self.offsets = np.cumsum([0, *[len(l) for l in labels]])
+            self.size = len(self.labels)
+            if not self.size:
+                raise UserError(f"{self.layout[1]}: the shards hold no latents")
+            self.check_labels(self.labels, f"{self.layout[1]}: a label")
+        self.latent_shape = tuple(self.features(0).shape[1:])
 
     def __len__(self):
-        return len(self.names)
+        return self.size
 
-    def _features(self, i):
-        x = np.load(os.path.join(self.features_dir, self.names[i]))
+    def check_labels(self, y, where):
+        bad = (y < 0) | (y >= self.num_classes) if self.num_classes is not None else (y < 0)
+        if np.any(bad):
+            raise UserError(f"{where} {int(np.asarray(y).reshape(-1)[np.argmax(bad)])} is outside 0..{self.num_classes - 1}")
+
+    def features(self, i):
+        if self.layout[0] == "files":
+            x = np.load(os.path.join(self.features_dir, self.names[i]))
+        else:
+            if self._arrays is None:
+                self._arrays = [np.load(f, mmap_mode="r") for f, _, _ in self.shards]
+            s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+            x = self._arrays[s][i - self.offsets[s]]
         return x[None] if x.ndim == 3 else x
 
     def label(self, i):
+        if self.labels is not None:
+            return int(self.labels[i])
         y = int(np.asarray(np.load(os.path.join(self.labels_dir, self.names[i]))).reshape(-1)[0])
-        if y < 0 or (self.num_classes is not None and y >= self.num_classes):
-            raise UserError(f"{self.names[i]}: label {y} is outside 0..{self.num_classes - 1}")
+        self.check_labels(np.array([y]), f"{self.names[i]}: label")
         return y
 
-    def __getitem__(self, i):
-        x = self._features(i)
-        pick = np.random.randint(len(x))
-        return torch.from_numpy(np.ascontiguousarray(x[pick])).float(), self.label(i)
+    def __getitem__(self, item):
+        """item: an index, or (index, draw) from the sampler; the draw picks one of the stacked latents."""
+        i, draw = item if isinstance(item, tuple) else (item, 0)
+        x = self.features(i)
+        return torch.from_numpy(np.ascontiguousarray(x[draw % len(x)], dtype=np.float32)), self.label(i)

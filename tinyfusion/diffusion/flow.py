@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .gaussian import prediction_mse
+from .gaussian import prediction_mse, randn_on
 
 PATHS = ("linear", "gvp")
 PREDICTIONS = ("velocity", "noise", "score")
@@ -54,8 +54,8 @@ def training_loss(model_fn, x1, path="linear", prediction="velocity", t_eps=1e-5
     """Per-sample flow-matching MSE at uniform t in [t_eps, 1 - t_eps] (the ends are singular for some
     predictions). model_fn(x_t, t) -> prediction. Returns the loss (N,) and the (x_t, t) used."""
     n = x1.shape[0]
-    t = torch.rand(n, generator=generator, device=x1.device) * (1 - 2 * t_eps) + t_eps
-    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+    t = torch.rand(n, generator=generator, device=generator.device if generator is not None else x1.device).to(x1.device) * (1 - 2 * t_eps) + t_eps
+    x0 = randn_on(x1.shape, generator, x1.device, x1.dtype)
     xt, _ = interpolate(path, x1, x0, t)
     err = (model_fn(xt, t) - target(path, prediction, x1, x0, t)) ** 2
     return err.flatten(1).mean(1), xt, t
@@ -110,7 +110,7 @@ def sample_sde(velocity_fn, x0, path="linear", steps=250, t_eps=1e-3, generator=
         v = velocity_fn(x, t)
         w = _expand(coefficients(path, t)[1], x)
         drift = v + w / 2 * score_from_velocity(path, v, x, t)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = randn_on(x.shape, generator, x.device, x.dtype)
         x = x + drift * dt + torch.sqrt(w * dt) * noise
         if progress is not None:
             progress.update(1)

@@ -1,6 +1,7 @@
 """Gaussian diffusion as DiT trains and samples it (Ho et al. 2020; Nichol & Dhariwal 2021).
 
-Schedule arrays are float64 numpy; every per-timestep value is gathered to the input's dtype and device.
+Schedule arrays are float64 numpy; each is copied to a device once (cached per device) and gathered there
+in float64, then cast to fp32, so a training or sampling step makes no host-to-device copy and no sync.
 The model is passed as a callable `model_fn(x_t, t) -> output` so that any runtime backend, a CFG
 wrapper or a teacher/student pair plugs in without this module knowing about DiT.
 """
@@ -44,9 +45,24 @@ def space_timesteps(num_timesteps, spacing):
     return {round(i * frac) for i in range(n)}
 
 
-def _gather(arr, t, ndim):
-    out = torch.from_numpy(arr).to(t.device)[t].float()
-    return out.reshape(-1, *([1] * (ndim - 1)))
+def _gather(arr, t, ndim, cache=None):
+    table = None
+    if cache is not None:
+        key = (id(arr), t.device)
+        table = cache.get(key)
+        if table is None:
+            table = cache[key] = torch.from_numpy(arr).to(t.device)
+    else:
+        table = torch.from_numpy(arr).to(t.device)
+    return table[t].float().reshape(-1, *([1] * (ndim - 1)))
+
+
+def randn_on(shape, generator, device, dtype=torch.float32):
+    """Standard normal noise drawn on the generator's own device (a CPU generator included) and delivered
+    on `device`: a CPU generator never feeds a CUDA op, and a seeded CPU generator gives the same noise
+    whichever device samples."""
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -104,23 +120,32 @@ class GaussianDiffusion:
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(betas)
+        self._tables = {}
+
+    def at(self, arr, t, ndim):
+        """arr[t] as fp32, shaped to broadcast over an ndim tensor, from a device-resident table."""
+        return _gather(arr, t, ndim, self._tables)
 
     def model_timesteps(self, t):
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        key = ("map", t.device)
+        if key not in self._tables:
+            self._tables[key] = torch.from_numpy(self.timestep_map).to(t.device)
+        return self._tables[key][t]
 
     def q_sample(self, x_start, t, noise):
-        return _gather(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start + _gather(
+        return self.at(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start + self.at(
             self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim
         ) * noise
 
     def q_posterior(self, x_start, x_t, t):
         n = x_t.ndim
-        mean = _gather(self.posterior_mean_coef1, t, n) * x_start + _gather(self.posterior_mean_coef2, t, n) * x_t
-        return mean, _gather(self.posterior_log_variance_clipped, t, n)
+        mean = self.at(self.posterior_mean_coef1, t, n) * x_start + self.at(self.posterior_mean_coef2, t, n) * x_t
+        return mean, self.at(self.posterior_log_variance_clipped, t, n)
 
     def predict_xstart(self, x_t, t, eps):
         n = x_t.ndim
-        return _gather(self.sqrt_recip_alphas_cumprod, t, n) * x_t - _gather(self.sqrt_recipm1_alphas_cumprod, t, n) * eps
+        return self.at(self.sqrt_recip_alphas_cumprod, t, n) * x_t - self.at(self.sqrt_recipm1_alphas_cumprod, t, n) * eps
 
     def split_output(self, output, x_t):
         """(eps, variance values in [-1, 1] or None) from the raw network output."""
@@ -132,12 +157,12 @@ class GaussianDiffusion:
         eps, var_values = self.split_output(output, x_t)
         n = x_t.ndim
         if var_values is not None:
-            min_log = _gather(self.posterior_log_variance_clipped, t, n)
-            max_log = _gather(np.log(self.betas), t, n)
+            min_log = self.at(self.posterior_log_variance_clipped, t, n)
+            max_log = self.at(self.log_betas, t, n)
             frac = (var_values + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
         else:
-            log_var = _gather(self.posterior_log_variance_clipped, t, n).expand_as(x_t)
+            log_var = self.at(self.posterior_log_variance_clipped, t, n).expand_as(x_t)
         pred_xstart = self.predict_xstart(x_t, t, eps)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)

@@ -2,7 +2,7 @@
 import torch
 
 from . import flow
-from .gaussian import _gather, create_diffusion
+from .gaussian import create_diffusion, randn_on
 
 # Heun's 25 steps cost 49 network calls, about DDIM-50's 50.
 # MAR's steps are its unmasking iterations (64 as the official default, at most one per token).
@@ -36,7 +36,7 @@ def ddpm_loop(diffusion, model_fn, x, generator=None, progress=None, temperature
     for i in reversed(range(diffusion.num_timesteps)):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         out = diffusion.p_mean_variance_from_output(model_fn(x, diffusion.model_timesteps(t)), x, t, clip_denoised)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = randn_on(x.shape, generator, x.device, x.dtype)
         x = out["mean"] + (i > 0) * torch.exp(0.5 * out["log_variance"]) * noise * temperature
         if progress is not None:
             progress.update(1)
@@ -49,12 +49,12 @@ def ddim_loop(diffusion, model_fn, x, eta=0.0, generator=None, progress=None):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         out = diffusion.p_mean_variance_from_output(model_fn(x, diffusion.model_timesteps(t)), x, t)
         eps, x0 = out["eps"], out["pred_xstart"]
-        a_bar = _gather(diffusion.alphas_cumprod, t, x.ndim)
-        a_prev = _gather(diffusion.alphas_cumprod_prev, t, x.ndim)
+        a_bar = diffusion.at(diffusion.alphas_cumprod, t, x.ndim)
+        a_prev = diffusion.at(diffusion.alphas_cumprod_prev, t, x.ndim)
         sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_bar)) * torch.sqrt(1 - a_bar / a_prev)
         x = x0 * torch.sqrt(a_prev) + torch.sqrt(1 - a_prev - sigma**2) * eps
         if eta > 0 and i > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * randn_on(x.shape, generator, x.device, x.dtype)
         if progress is not None:
             progress.update(1)
     return x

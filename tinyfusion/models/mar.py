@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..diffusion.gaussian import create_diffusion
+from ..diffusion.gaussian import create_diffusion, randn_on
 from .dit import Attention, TimestepEmbedder
 
 
@@ -170,10 +170,10 @@ class DiffLoss(nn.Module):
         diffusion = create_diffusion(str(steps), schedule="cosine")
         c = self.net.in_channels
         if cfg == 1.0:
-            noise = torch.randn(len(z), c, generator=generator, device=z.device)
+            noise = randn_on((len(z), c), generator, z.device)
             return ddpm_loop(diffusion, lambda x, t: self.net(x, t, z), noise, generator, temperature=temperature,
                              clip_denoised=clip)
-        half = torch.randn(len(z) // 2, c, generator=generator, device=z.device)
+        half = randn_on((len(z) // 2, c), generator, z.device)
 
         def guided(x, t):
             out = self.net(torch.cat([x[: len(x) // 2]] * 2), t, z)

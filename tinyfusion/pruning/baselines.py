@@ -18,7 +18,8 @@ def block_io_scores(model, diffusion, calib, batch_size=256):
     device = next(model.parameters()).device
     stack = block_stack(model)
     depth = stack.depth
-    cos, mse, n = torch.zeros(depth, dtype=torch.float64), torch.zeros(depth, dtype=torch.float64), 0
+    # accumulated on the model's device (a CPU accumulator cannot take CUDA values); one sync at the end
+    cos, mse, n = torch.zeros(depth, dtype=torch.float64, device=device), torch.zeros(depth, dtype=torch.float64, device=device), 0
     for x0, y, t, noise in calib.chunks(batch_size, device):
         xt = diffusion.q_sample(x0, t, noise)
         with stack.recording(range(depth), inputs=True) as rec:

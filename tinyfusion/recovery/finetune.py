@@ -1,24 +1,22 @@
-"""The recovery loop: plain fine-tuning, logits KD or Masked KD of a pruned student against its teacher.
+"""The recovery task: plain fine-tuning, logits KD or Masked KD of a pruned student against its teacher.
 
 As the paper: AdamW (lr 2e-4, no weight decay) with a per-step cosine down to 1e-4, gradient clip 1.0,
-an EMA of the weights that is what gets sampled and saved, class-label dropout. Randomness comes from
-one generator over the global batch (each rank takes its slice), so DDP and resumed runs reproduce a
-single uninterrupted process.
+an EMA of the weights that is what gets sampled and saved, class-label dropout. The loop is the shared
+training engine (`tinyfusion.training`), whose seeded generator draws over the global batch, so DDP
+and resumed runs reproduce a single uninterrupted process. The teacher runs under the same autocast as
+the student, without gradients.
 """
 import copy
-import json
 import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
-from ..checkpoint import atomic_write
 from ..data.batches import draw_step_noise
-from ..errors import UserError
 from ..models.stack import block_stack
+from ..training import Engine, RunOptions, Task
+from ..training.precision import to_float
 from .kd import KDWeights, masked_hidden_kd, variance_kd
 
 
@@ -46,7 +44,7 @@ class FinetuneConfig:
         return min(self.ema_decay, (1 + step) / (10 + step)) if self.ema_warmup else self.ema_decay
 
 
-class Collecting(nn.Module):
+class WithHiddenStates(nn.Module):
     """A forward that also returns the hidden outputs of chosen blocks (one module, so DDP syncs it)."""
 
     def __init__(self, model, layers):
@@ -56,58 +54,67 @@ class Collecting(nn.Module):
     def forward(self, x, t, y, drop):
         with block_stack(self.model).recording(self.layers) as rec:
             out = self.model(x, t, y, force_drop_ids=drop)
-        return out, [rec[i][1] for i in self.layers]
+        return to_float(out), [rec[i][1].float() for i in self.layers]
 
 
-class Recovery:
-    def __init__(self, student, teacher, pairs, diffusion, data, cfg: FinetuneConfig, rank=0, world=1, device="cpu"):
+class Recovery(Task):
+    name = "recover"
+    hint = "lower --lr or the KD weights"
+
+    def __init__(self, student, teacher, pairs, diffusion, data, cfg: FinetuneConfig, rank=0, world=1, device="cpu",
+                 options=None, log=None):
         self.cfg, self.diffusion, self.data = cfg, diffusion, data
-        self.rank, self.world, self.device = rank, world, device
-        self.student = student.to(device).train()
+        self.name = f"recover ({cfg.kd})"
+        self.grad_clip = cfg.grad_clip
+        self.model = self.student = student.to(device).train()
         self.ema = copy.deepcopy(student).eval().requires_grad_(False)
         self.teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
         self.pairs = pairs if cfg.kd == "masked" else []
-        self.net = Collecting(self.student, [s for s, _ in self.pairs])
-        self.teacher_net = Collecting(self.teacher, [t for _, t in self.pairs]) if self.teacher is not None else None
-        self.ddp = torch.nn.parallel.DistributedDataParallel(self.net) if world > 1 else self.net
+        self.net = WithHiddenStates(self.student, [s for s, _ in self.pairs])
+        self.teacher_net = WithHiddenStates(self.teacher, [t for _, t in self.pairs]) if self.teacher is not None else None
         frozen = block_stack(self.student).frozen
-        params = [p for n, p in self.student.named_parameters() if n not in frozen]
-        self.params = params
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.step, self.skipped, self.bad_in_a_row, self.curve = 0, 0, 0, []
+        self.params = [p for n, p in self.student.named_parameters() if n not in frozen]
         self.local = cfg.global_batch_size // world
         self.part = slice(rank * self.local, (rank + 1) * self.local)
         self.dropout = student.config.class_dropout_prob
+        self.engine = Engine(self, options or RunOptions(), rank, world, device, log)
 
-    def state_dict(self):
-        return {"student": self.student.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "step": self.step, "skipped": self.skipped, "gen": self.gen.get_state(), "data": self.data.state(),
-                "curve": json.dumps(self.curve), "config": json.dumps(asdict(self.cfg))}
+    # --- what the engine asks --------------------------------------------------------------------
+    def param_groups(self):
+        return [{"params": self.params, "lr": self.cfg.lr}]
 
-    def load_state_dict(self, s):
-        saved, mine = json.loads(s["config"]), json.loads(json.dumps(asdict(self.cfg)))
-        diff = [k for k in mine if k not in ("steps", "log_every", "ckpt_every") and saved.get(k) != mine[k]]
-        if diff:
-            raise UserError(f"--resume: the saved run used different settings ({', '.join(diff)})")
-        self.student.load_state_dict(s["student"])
-        self.ema.load_state_dict(s["ema"])
-        self.opt.load_state_dict(s["opt"])
-        self.step, self.skipped = s["step"], s["skipped"]
-        self.gen.set_state(s["gen"])
+    def lrs(self, step):
+        return [self.cfg.lr_at(step)]
+
+    def ema_pairs(self):
+        return list(self.ema.parameters()), list(self.student.parameters())
+
+    def ema_decay(self, step):
+        return self.cfg.ema_at(step)
+
+    def settings(self):
+        return {k: v for k, v in asdict(self.cfg).items() if k not in ("steps", "log_every", "ckpt_every")}
+
+    def state(self):
+        return {"data": self.data.state()}
+
+    def load_state(self, s):
         self.data.load_state(s["data"])
-        self.curve = json.loads(s["curve"])
 
-    def save(self, path):
-        state = self.state_dict()
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    def inputs(self, gen, step):
+        x, y = self.data.next()
+        x, y = x.to(gen.device, non_blocking=True), y.to(gen.device, non_blocking=True)
+        t, noise, drop = draw_step_noise(gen, self.cfg.global_batch_size, self.part, tuple(x.shape[1:]),
+                                         self.diffusion.num_timesteps, self.dropout)
+        return [x, y, t, noise, drop]
 
-    def losses(self, x, y, t, noise, drop):
+    def loss(self, net, inputs, step):
+        x, y, t, noise, drop = inputs
         cfg, w = self.cfg, self.cfg.weights
         captured = {}
 
         def student_fn(xt, tt):
-            out, hidden = self.ddp(xt, tt, y, drop)
+            out, hidden = net(xt, tt, y, drop)
             captured["hidden"] = hidden
             return out
 
@@ -126,64 +133,32 @@ class Recovery:
         if self.pairs:
             rep = torch.stack([masked_hidden_kd(hs, ht, w.mask_k) for hs, ht in zip(captured["hidden"], t_hidden)]).mean()
             parts["hidden_kd"] = rep
-            loss = loss + w.beta(self.step / max(cfg.steps - 1, 1)) * rep
+            loss = loss + w.beta(step / max(cfg.steps - 1, 1)) * rep
         return loss, parts
 
-    def draw(self, shape):
-        return draw_step_noise(self.gen, self.cfg.global_batch_size, self.part, shape, self.diffusion.num_timesteps,
-                               self.dropout)
+    # --- the run ---------------------------------------------------------------------------------
+    @property
+    def step(self):
+        return self.engine.step
 
-    def train_step(self):
-        cfg, dev = self.cfg, self.device
-        x, y = self.data.next()
-        t, noise, drop = self.draw(tuple(x.shape[1:]))
-        x, y, t, noise, drop = (v.to(dev) for v in (x, y, t, noise, drop))
-        for g in self.opt.param_groups:
-            g["lr"] = cfg.lr_at(self.step)
-        loss, parts = self.losses(x, y, t, noise, drop)
-        flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
-        if self.world > 1:
-            dist.all_reduce(flag)
-        self.opt.zero_grad(set_to_none=True)
-        self.step += 1
-        if flag.item() > 0:  # every rank skips together
-            self.skipped += 1
-            self.bad_in_a_row += 1
-            if self.bad_in_a_row >= cfg.max_bad_steps:
-                raise UserError(f"{cfg.max_bad_steps} non-finite losses in a row at step {self.step} "
-                                f"({self.skipped} skipped in all); lower --lr or the KD weights")
-            return None
-        self.bad_in_a_row = 0
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-        self.opt.step()
-        decay = cfg.ema_at(self.step)
-        with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.student.parameters()):
-                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-        values = torch.stack([loss.detach(), *[v.detach() for v in parts.values()]])
-        if self.world > 1:
-            dist.all_reduce(values)
-            values /= self.world
-        return dict(zip(["loss", *parts], values.tolist()))
+    @property
+    def curve(self):
+        return self.engine.curve
+
+    @property
+    def skipped(self):
+        return getattr(self.engine, "skipped_steps", 0)
+
+    def resume(self, path):
+        self.engine.resume(path)
 
     def run(self, state_path=None, snapshot=None, snapshot_steps=()):
-        cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"recover ({cfg.kd})", disable=self.rank != 0, dynamic_ncols=True)
-        window = []
-        while self.step < cfg.steps:
-            parts = self.train_step()
-            if parts is not None:
-                window.append(parts)
-            bar.update(1)
-            if window and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                mean = {k: sum(p[k] for p in window) / len(window) for k in window[0]}
-                self.curve.append({"step": self.step, **mean})
-                bar.set_postfix(loss=f"{mean['loss']:.4f}")
-                window = []
-            if self.rank == 0 and snapshot is not None and self.step in snapshot_steps:
-                snapshot(self.ema, self.step)
-            if state_path and self.rank == 0 and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
-                self.save(state_path)
-        bar.close()
+        """Train to cfg.steps; `snapshot(ema, step)` is called on rank 0 at each of snapshot_steps."""
+        wanted = set(snapshot_steps)
+
+        def on_step(step):
+            if snapshot is not None and self.engine.rank == 0 and step in wanted:
+                snapshot(self.ema, step)
+
+        self.engine.run(state_path, on_step)
         return self.ema
