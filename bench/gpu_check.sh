@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # One prepared check for an NVIDIA machine: installs nothing from the network, ends within $BUDGET seconds
-# (default 450), writes its JSON, CSV, PNG and log into $OUT/gpu_check.tgz (default bench/results/gpu/),
+# (default 480), writes its JSON, CSV, PNG and log into $OUT/gpu_check.tgz (default bench/results/gpu/),
 # re-packed after every stage (the device tool returns at most 8 files). Stages, most important first, each
 # under its own timeout and each leaving its file even when a later one is cut off:
-#   1. the GPU tests (Triton kernels compiled for real, bf16 included) against fp32 references
+#   0. bench/train_speed.py: the search and Masked-KD steps at DiT-XL/2's shape, bf16/fp16/fp32(+TF32),
+#      eager and compiled, beside the official TinyFusion code when a checkout travels in .official/
+#      (carry it: `git clone`/copy github.com/VainF/TinyFusion there; never committed); then
+#      bench/train_smoke.py: prune -> finetune -> SIGKILL -> --resume -> sample for DiT, SiT, MAR (NCCL)
+#   1. the GPU tests (Triton kernels compiled for real, bf16 included; the training engine on CUDA)
 #   2. bench/latency.py --preset xl, eager beside triton, bf16, batch 64, CUDA graphs: DiT-XL/2 at 28/21/14/7
 #   3. bench/latency_stacks.py --preset gpu: diffusers DiT/PixArt/SD3/Flux at XL width, 28 blocks (needs
 #      diffusers: `pip download --no-deps -d .whl diffusers importlib_metadata` and carry .whl/)
@@ -16,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 PY=${PYTHON:-python3}
-BUDGET=${BUDGET:-450}
+BUDGET=${BUDGET:-480}
 RES=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee "$RES/log.txt") 2>&1
@@ -27,7 +31,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # compiled kernels (tests/conftest.py would otherwise choose the interpreter)
 
-ONLY=${ONLY:-tests latency stacks kernels compile attention cpu}  # a rerun can name just the stages it needs
+ONLY=${ONLY:-train smoke tests latency stacks kernels compile attention cpu}  # a rerun can name just the stages it needs
 stage() {  # stage KEY NAME SECONDS COMMAND...: run under min(SECONDS, what is left of BUDGET)
     local key=$1 name=$2 limit=$3 left=$((BUDGET - SECONDS)); shift 3
     [[ " $ONLY " == *" $key "* ]] || return 0
@@ -41,7 +45,12 @@ stage() {  # stage KEY NAME SECONDS COMMAND...: run under min(SECONDS, what is l
 
 $PY -c "import json, torch, triton, datetime; print(json.dumps({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'triton': triton.__version__, 'date': datetime.date.today().isoformat()}))" > "$RES/device.json"
 cat "$RES/device.json"
-stage tests "GPU tests" 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$RES/gpu_tests.xml"
+OFFICIAL_ARG=(); [[ -f .official/train_masked_kd.py ]] && OFFICIAL_ARG=(--official .official)
+stage train "training step speed (ours, official)" 150 $PY bench/train_speed.py --device cuda "${OFFICIAL_ARG[@]}" \
+    --json "$RES/train_speed.json"
+stage smoke "training commands under torchrun (NCCL)" 120 $PY bench/train_smoke.py --json "$RES/train_smoke.json"
+stage tests "GPU tests" 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_training.py \
+    --junitxml="$RES/gpu_tests.xml"
 stage latency "latency xl: eager, triton" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
     --backends eager triton --cuda-graphs --repeats 20 --json "$RES/latency_xl.json"
 stage stacks "latency of the diffusers stacks" 120 $PY bench/latency_stacks.py --preset gpu --device cuda --dtype bf16 \

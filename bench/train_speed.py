@@ -100,9 +100,15 @@ def measure(step, device, steps, warmup):
 
 
 # --- ours -------------------------------------------------------------------------------------------
+def build(cls_config, device):
+    """A model initialized directly on the device (an XL initializes in seconds there, a minute on a CPU)."""
+    with torch.device(device):
+        return DiT(cls_config)
+
+
 def our_search(p, device, options):
     torch.manual_seed(0)
-    model = DiT(config(p)).to(device)
+    model = build(config(p), device)
     groups = parse_scheme("1:2", p["depth"])
     cfg = SearchConfig(groups=groups, steps=10**9, global_batch_size=p["batch"], log_every=10**9, ckpt_every=10**9)
     task = LearnableSearch(model, create_diffusion(""), FixedBatches(*batch(p, device)), cfg, device=device,
@@ -112,8 +118,8 @@ def our_search(p, device, options):
 
 def our_kd(p, device, options):
     torch.manual_seed(0)
-    teacher = DiT(config(p)).to(device)
-    student = DiT(config(p, p["depth"] // 2)).to(device)
+    teacher = build(config(p), device)
+    student = build(config(p, p["depth"] // 2), device)
     groups = parse_scheme("1:2", p["depth"])
     pairs = alignment(groups, list(range(1, p["depth"], 2)))
     cfg = FinetuneConfig(steps=10**9, global_batch_size=p["batch"], log_every=10**9, ckpt_every=10**9)
@@ -179,9 +185,10 @@ def official_search(p, device, official):
     models, pruning, diffusion = official
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
-    model = pruning.DiT(input_size=p["input_size"], patch_size=2, hidden_size=p["hidden_size"], depth=p["depth"],
-                        num_heads=p["num_heads"], num_classes=p["num_classes"],
-                        groups=[[1, 2] for _ in range(p["depth"] // 2)]).to(device)
+    with torch.device(device):
+        model = pruning.DiT(input_size=p["input_size"], patch_size=2, hidden_size=p["hidden_size"], depth=p["depth"],
+                            num_heads=p["num_heads"], num_classes=p["num_classes"],
+                            groups=[[1, 2] for _ in range(p["depth"] // 2)])
     gates = [q for n, q in model.named_parameters() if "gumbel_gates" in n]
     weights, kind = official_lora(model, 8)
     for n, q in model.named_parameters():
@@ -226,8 +233,9 @@ def official_kd(p, device, official):
     torch.manual_seed(0)
     kw = dict(input_size=p["input_size"], patch_size=2, hidden_size=p["hidden_size"], num_heads=p["num_heads"],
               num_classes=p["num_classes"])
-    model = models.DiT(depth=p["depth"] // 2, **kw).to(device)
-    teacher = models.DiT(depth=p["depth"], **kw).to(device).eval().requires_grad_(False)
+    with torch.device(device):
+        model = models.DiT(depth=p["depth"] // 2, **kw)
+        teacher = models.DiT(depth=p["depth"], **kw).eval().requires_grad_(False)
 
     def feature_hook(module, inputs, output):
         module.feature = output

@@ -109,7 +109,7 @@ def test_bf16_search_decides_like_fp32():
                             options=RunOptions(precision=precision, async_save=False))
         decisions[precision] = (s.run(progress=False), [p.max().item() for p in s.probabilities()])
     assert decisions["bf16"][0] == decisions["fp32"][0]
-    assert min(decisions["fp32"][1]) > 0.9  # decided, not a near-tie that any rounding could flip
+    assert min(decisions["fp32"][1]) > 0.7  # decided (1:2: two candidates), not a near-tie that rounding could flip
 
 
 class PoisonedBatches(DigitsBatches):

@@ -77,12 +77,12 @@ def parse_args(argv):
 
 
 def resolve_teacher(args, info):
-    from .assets import SIT_TEACHER_PATH, TEACHER_PATH
+    from .assets import MAR_TEACHER_PATH, SIT_TEACHER_PATH, TEACHER_PATH
 
     path = args.teacher or info.get("source")
     if not path:
         raise UserError(f"{args.ckpt} names no source model; give --teacher")
-    for shipped in (TEACHER_PATH, SIT_TEACHER_PATH):
+    for shipped in (TEACHER_PATH, SIT_TEACHER_PATH, MAR_TEACHER_PATH):
         if not os.path.exists(path) and os.path.basename(path) == os.path.basename(shipped):
             path = shipped  # pruned on another machine from a shipped teacher
     return path

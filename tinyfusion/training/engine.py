@@ -262,8 +262,8 @@ class Engine:
         self.task.on_log(self.step, entry)
         if count:
             self.curve.append(entry)
-            bar.set_postfix({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in entry.items()
-                             if k in ("loss", "images_per_s", "tau", "min_conf")})
+            bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in entry.items()
+                             if k in ("loss", "images_per_s", "tau", "min_conf")}, refresh=False)  # shown at the next draw
             if self.log is not None:
                 self.log.write(" ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
                                         if not isinstance(v, (list, dict))), echo=False)
