@@ -132,3 +132,63 @@ def test_extract_features_bad_input(tmp_path, tiny_vae, capsys, case, fragment):
         vae = str(tmp_path)
     code, _, err = run_main(extract_main, ["--data-path", str(imgs), "--vae", vae, "--out", str(tmp_path / "o"), "--image-size", size], capsys)
     assert_one_line_error(code, err, fragment)
+
+
+def test_shards_read_like_the_official_files(tmp_path, tiny_vae, capsys):
+    """`--layout shards` holds exactly the latents and labels of the one-file layout, and the loader draws
+    the same batches from either; a shard with unwritten rows is refused, and a rerun fills it."""
+    from tinyfusion.data.batches import LatentBatches
+
+    make_images(tmp_path / "imgs")
+    common = ["--data-path", str(tmp_path / "imgs"), "--vae", tiny_vae, "--image-size", "16"]
+    for layout in ("files", "shards"):
+        torch.manual_seed(0)  # the VAE samples its posterior: the same draws for both layouts
+        code, _, err = run_main(extract_main, [*common, "--out", str(tmp_path / layout), "--layout", layout], capsys)
+        assert code == 0, err
+    files, shards = LatentFolder(str(tmp_path / "files"), 2), LatentFolder(str(tmp_path / "shards"), 2)
+    assert shards.layout[0] == "shards" and len(files) == len(shards) == 6
+    for i in range(6):
+        assert np.array_equal(files.features(i), shards.features(i)) and files.label(i) == shards.label(i)
+    a = LatentBatches(str(tmp_path / "files"), 4, 0, 0, 1, 2, 0, (4, 2, 2))
+    b = LatentBatches(str(tmp_path / "shards"), 4, 0, 0, 1, 2, 0, (4, 2, 2))
+    for _ in range(5):  # across an epoch boundary (one batch of 4 per epoch of 6)
+        (xa, ya), (xb, yb) = a.next(), b.next()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    filled = tmp_path / "shards" / "imagenet16_shards" / "filled-r000.npy"
+    flags = np.load(filled)
+    flags[2] = False
+    np.save(filled, flags)
+    with pytest.raises(UserError, match="1 of 6 latents not written yet"):
+        LatentFolder(str(tmp_path / "shards"), 2)
+    code, out, err = run_main(extract_main, [*common, "--out", str(tmp_path / "shards"), "--layout", "shards"], capsys)
+    assert code == 0 and "(1 encoded by rank 0 this run)" in out
+    refilled = LatentFolder(str(tmp_path / "shards"), 2).features(2)
+    assert refilled.shape == (2, 4, 2, 2) and np.isfinite(refilled).all() and np.abs(refilled).sum() > 0
+
+
+def test_latent_batches_split_one_process_across_ranks_and_resume_inside_an_epoch(tmp_path):
+    """Two ranks' batches, concatenated, are the one-process batch (data and flip draws); a loader restored
+    from a mid-epoch state continues with the batches the uninterrupted one draws next."""
+    from conftest import write_latent_folder
+    from tinyfusion.data.batches import LatentBatches
+
+    write_latent_folder(tmp_path, 20, (2, 4, 2, 2), 5)
+    shape = (4, 2, 2)
+    one = LatentBatches(str(tmp_path), 8, 3, 0, 1, 5, 0, shape)
+    ranks = [LatentBatches(str(tmp_path), 8, 3, r, 2, 5, 0, shape) for r in range(2)]
+    seen = []
+    for _ in range(5):  # 2 batches per epoch: crosses two epochs
+        x, y = one.next()
+        parts = [r.next() for r in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+        seen.append(x)
+    assert not torch.equal(seen[0], seen[2])  # a new permutation each epoch
+    ref = LatentBatches(str(tmp_path), 8, 3, 0, 1, 5, 0, shape)
+    ref.next()
+    state = ref.state()
+    ahead = [ref.next() for _ in range(3)]
+    resumed = LatentBatches(str(tmp_path), 8, 3, 0, 1, 5, 0, shape)
+    resumed.load_state(state)
+    for x, y in ahead:
+        rx, ry = resumed.next()
+        assert torch.equal(x, rx) and torch.equal(y, ry)

@@ -210,3 +210,17 @@ def test_train_speed_dry_run(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {(r["step"], r["variant"], r["mode"]) for r in rows} >= {("search", "bf16", "compile"), ("masked_kd", "fp32", "eager")}
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_train_cli_in_bf16_with_accumulation_and_checkpointing(tmp_path, capsys):
+    """The `train` command with every execution flag at once: finite losses, the flags recorded in metrics.json."""
+    from conftest import run_main
+    from tinyfusion.train import main as train_main
+
+    code, _, err = run_main(train_main, ["--preset", "digits", "--depth", "2", "--global-batch-size", "16", "--steps", "6",
+                                         "--log-every", "3", "--precision", "bf16", "--grad-accum", "2", "--grad-checkpoint",
+                                         "--results-dir", str(tmp_path), "--name", "b"], capsys)
+    assert code == 0, err
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["run"]["precision"] == "bf16" and m["run"]["grad_accum"] == 2 and m["run"]["grad_checkpoint"]
+    assert all(0 < p["loss"] < 10 for p in m["loss_curve"]) and m["run"]["skipped_steps"] == 0
