@@ -224,3 +224,17 @@ def test_train_cli_in_bf16_with_accumulation_and_checkpointing(tmp_path, capsys)
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert m["run"]["precision"] == "bf16" and m["run"]["grad_accum"] == 2 and m["run"]["grad_checkpoint"]
     assert all(0 < p["loss"] < 10 for p in m["loss_curve"]) and m["run"]["skipped_steps"] == 0
+
+
+def test_resume_refuses_a_pre_engine_or_foreign_state(tmp_path):
+    from tinyfusion.errors import UserError
+
+    old = tmp_path / "old.pt"
+    torch.save({"trainable": [torch.zeros(2)], "step": 3, "config": "{}"}, old)  # the pre-engine layout
+    with pytest.raises(UserError, match="written before the training engine"):
+        recovery().resume(str(old))
+    path = str(tmp_path / "search.pt")
+    s = search(steps=2)
+    s.engine.run(path)
+    with pytest.raises(UserError, match="different settings"):  # a search state is not a recovery's
+        recovery().resume(path)

@@ -5,6 +5,7 @@ teacher's and the student's posteriors, student mean detached). Hidden KD matche
 layer to the output of its teacher block, ignoring per sample the "massive activations": positions
 where |h - mean| >= k * std (mean and std over all tokens and channels of that sample), in either model.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,4 +65,4 @@ def variance_kd(diffusion, student_out, teacher_out, x_t, t):
     frozen = torch.cat([student_out[:, :c].detach(), student_out[:, c:]], dim=1)
     s = diffusion.p_mean_variance_from_output(frozen, x_t, t)
     te = diffusion.p_mean_variance_from_output(teacher_out.detach(), x_t, t)
-    return mean_flat(normal_kl(te["mean"], te["log_variance"], s["mean"], s["log_variance"])) / torch.log(torch.tensor(2.0))
+    return mean_flat(normal_kl(te["mean"], te["log_variance"], s["mean"], s["log_variance"])) / math.log(2.0)

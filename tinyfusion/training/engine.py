@@ -149,6 +149,9 @@ class Engine:
                 "settings": json.dumps(self.settings(), default=list), "task": self.task.state()}
 
     def load_state_dict(self, s):
+        if not isinstance(s, dict) or "settings" not in s:
+            raise UserError("--resume: this state was written before the training engine (or is not a training "
+                            "state) and cannot be resumed; start the run again")
         saved, mine = json.loads(s["settings"]), json.loads(json.dumps(self.settings(), default=list))
         diff = [k for k in mine if saved.get(k) != mine[k]]
         if diff:
