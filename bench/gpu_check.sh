@@ -63,6 +63,7 @@ stage attention "latency xl: triton with our attention kernel" 90 env TINYFUSION
     --cuda-graphs --repeats 20 --no-width --json "$RES/latency_xl_triton_attention.json"
 stage cpu "CPU tests on this torch" 90 env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -x -p no:cacheprovider -n 12 \
     tests/test_model.py tests/test_diffusion.py tests/test_flow.py tests/test_sit.py tests/test_mar.py \
-    tests/test_diffusers_stacks.py tests/test_pruning.py tests/test_checkpoint.py --junitxml="$RES/cpu_tests.xml"
+    tests/test_diffusers_stacks.py tests/test_pruning.py tests/test_checkpoint.py tests/test_training.py tests/test_data.py \
+    --junitxml="$RES/cpu_tests.xml"
 echo "results in $OUT/gpu_check.tgz after ${SECONDS}s"
 tar czf "$OUT/gpu_check.tgz" -C "$RES" .
