@@ -44,6 +44,8 @@ from tinyfusion.training import RunOptions  # noqa: E402
 PRESETS = {
     "xl": dict(depth=28, hidden_size=1152, num_heads=16, input_size=32, num_classes=1000, batch=32),
     "tiny": dict(depth=4, hidden_size=64, num_heads=2, input_size=8, num_classes=10, batch=4),
+    # the shipped digits teacher's shape (random weights): what a CPU user trains
+    "digits": dict(depth=12, hidden_size=128, num_heads=4, input_size=8, num_classes=10, batch=64, in_channels=1),
 }
 VARIANTS = {  # name: (precision, tf32)
     "bf16": ("bf16", True), "fp16": ("fp16", True), "fp32+tf32": ("fp32", True), "fp32": ("fp32", False),
@@ -69,12 +71,12 @@ class FixedBatches:
 
 def config(p, depth=None):
     return DiTConfig(depth=depth or p["depth"], hidden_size=p["hidden_size"], patch_size=2, num_heads=p["num_heads"],
-                     input_size=p["input_size"], in_channels=4, num_classes=p["num_classes"])
+                     input_size=p["input_size"], in_channels=p.get("in_channels", 4), num_classes=p["num_classes"])
 
 
 def batch(p, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(p["batch"], 4, p["input_size"], p["input_size"], generator=g)
+    x = torch.randn(p["batch"], p.get("in_channels", 4), p["input_size"], p["input_size"], generator=g)
     return x.to(device), torch.randint(0, p["num_classes"], (p["batch"],), generator=g).to(device)
 
 
@@ -187,7 +189,7 @@ def official_search(p, device, official):
     torch.manual_seed(0)
     with torch.device(device):
         model = pruning.DiT(input_size=p["input_size"], patch_size=2, hidden_size=p["hidden_size"], depth=p["depth"],
-                            num_heads=p["num_heads"], num_classes=p["num_classes"],
+                            num_heads=p["num_heads"], num_classes=p["num_classes"], in_channels=p.get("in_channels", 4),
                             groups=[[1, 2] for _ in range(p["depth"] // 2)])
     gates = [q for n, q in model.named_parameters() if "gumbel_gates" in n]
     weights, kind = official_lora(model, 8)
@@ -232,7 +234,7 @@ def official_kd(p, device, official):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     kw = dict(input_size=p["input_size"], patch_size=2, hidden_size=p["hidden_size"], num_heads=p["num_heads"],
-              num_classes=p["num_classes"])
+              num_classes=p["num_classes"], in_channels=p.get("in_channels", 4))
     with torch.device(device):
         model = models.DiT(depth=p["depth"] // 2, **kw)
         teacher = models.DiT(depth=p["depth"], **kw).eval().requires_grad_(False)
@@ -303,7 +305,8 @@ def print_projection(rows, device_name):
 @cli
 def main(argv=None):
     ap = Parser(prog="python bench/train_speed.py", description=__doc__)
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="xl (default on CUDA) or tiny (default on the CPU)")
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="xl (DiT-XL/2, default on CUDA), digits (the shipped teacher's shape) or tiny (default on the CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=positive(), help="per-step batch (default: the preset's, 32 for xl)")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
