@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from tinyfusion.checkpoint import atomic_write  # noqa: E402
+from tinyfusion.data.batches import FixedBatches  # noqa: E402
 from tinyfusion.diffusion.gaussian import create_diffusion  # noqa: E402
 from tinyfusion.errors import Parser, UserError, cli, positive, writable_file  # noqa: E402
 from tinyfusion.models.dit import DiT, DiTConfig  # noqa: E402
@@ -51,22 +52,6 @@ VARIANTS = {  # name: (precision, tf32)
     "bf16": ("bf16", True), "fp16": ("fp16", True), "fp32+tf32": ("fp32", True), "fp32": ("fp32", False),
 }
 IMAGENET = 1_281_167  # training images: one search epoch
-
-
-class FixedBatches:
-    """The same device-resident batch every step: the step is measured, not the loader."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def next(self):
-        return self.x, self.y
-
-    def state(self):
-        return torch.zeros(1)
-
-    def load_state(self, state):
-        pass
 
 
 def config(p, depth=None):

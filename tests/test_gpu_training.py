@@ -91,23 +91,12 @@ def test_mar_samples_on_cuda_like_on_the_cpu():
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
 
 
-class DeviceBatches:
-    """One device-resident digits batch: the step is what is checked, not the loader."""
+def device_batches(n=16):
+    """One digits batch on the GPU, every step: the step is what is checked, not the loader."""
+    from tinyfusion.data.batches import DigitsBatches, FixedBatches
 
-    def __init__(self, n=16):
-        from tinyfusion.data.batches import DigitsBatches
-
-        x, y = DigitsBatches(n, 0).next()
-        self.x, self.y = x.cuda(), y.cuda()
-
-    def next(self):
-        return self.x, self.y
-
-    def state(self):
-        return torch.zeros(1)
-
-    def load_state(self, state):
-        pass
+    x, y = DigitsBatches(n, 0).next()
+    return FixedBatches(x.cuda(), y.cuda())
 
 
 @pytest.mark.parametrize("kind", ["search", "masked_kd"])
@@ -123,11 +112,11 @@ def test_a_training_step_never_waits_for_the_host(kind, precision):
     opts = RunOptions(precision=precision, async_save=False)
     if kind == "search":
         cfg = SearchConfig(groups=[[1, 2], [1, 2]], steps=10, global_batch_size=16, log_every=100)
-        task = LearnableSearch(digits_dit(4), create_diffusion(""), DeviceBatches(), cfg, device="cuda", options=opts)
+        task = LearnableSearch(digits_dit(4), create_diffusion(""), device_batches(), cfg, device="cuda", options=opts)
     else:
         cfg = FinetuneConfig(steps=10, global_batch_size=16, log_every=100)
         task = Recovery(digits_dit(2, seed=1), digits_dit(4), alignment([[1, 2], [1, 2]], [1, 3]), create_diffusion(""),
-                        DeviceBatches(), cfg, device="cuda", options=opts)
+                        device_batches(), cfg, device="cuda", options=opts)
     task.engine.train_step()  # first step: lazy allocations, the optimizer state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -76,6 +76,23 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                 yield i, int(draws[i])
 
 
+class FixedBatches:
+    """The same (x, y) every step, wherever they live: benchmarks and checks that time or inspect the
+    step itself, not the loader."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def next(self):
+        return self.x, self.y
+
+    def state(self):
+        return torch.zeros(1)
+
+    def load_state(self, state):
+        pass
+
+
 class LatentBatches:
     """Batches of global_batch // world latents per rank from a latent folder (either layout)."""
 

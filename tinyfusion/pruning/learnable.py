@@ -9,15 +9,15 @@ t, noise, label dropout and the Gumbel noise over the global batch, each rank ta
 ranks reproduce one process and a resumed run continues exactly. The EMA of all trainable state (gates
 included) makes the decision.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ..data.batches import draw_step_noise
 from ..errors import UserError
 from ..models.stack import block_stack
-from ..training import Engine, RunOptions, Task
+from ..training import Engine, RunOptions
+from ..training.denoising import DenoisingTask
 from ..training.precision import no_autocast, to_float
 from .gates import MaskGates
 from .lora import apply_lora
@@ -80,11 +80,12 @@ def attach_weight_update(model, cfg):
     return GatedModel(model, gates), weights, list(gates.parameters())
 
 
-class LearnableSearch(Task):
+class LearnableSearch(DenoisingTask):
     name = "search"
 
     def __init__(self, model, diffusion, data, cfg: SearchConfig, rank=0, world=1, device="cpu", options=None, log=None):
-        self.cfg, self.diffusion, self.data = cfg, diffusion, data
+        self.cfg = cfg
+        self.use_data(data, diffusion, cfg.class_dropout_prob, rank, world)
         self.grad_clip = cfg.grad_clip
         self.net, self.weights, self.gate_params = attach_weight_update(model, cfg)
         self.model = self.net.model
@@ -92,8 +93,6 @@ class LearnableSearch(Task):
         self.trainable = self.weights + self.gate_params
         self.ema = [p.detach().clone() for p in self.trainable]  # EMA of all trainable state, gates included
         self.history = []
-        self.local = cfg.global_batch_size // world
-        self.part = slice(rank * self.local, (rank + 1) * self.local)
         self.rank = rank
         self.engine = Engine(self, options or RunOptions(), rank, world, device, log)
 
@@ -112,18 +111,11 @@ class LearnableSearch(Task):
     def ema_decay(self, step):
         return self.cfg.ema_decay
 
-    def settings(self):
-        return {k: v for k, v in asdict(self.cfg).items() if k not in ("steps", "log_every", "ckpt_every")}
-
     def inputs(self, gen, step):
-        x, y = self.data.next()
-        dev = gen.device
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        """The data and diffusion draws, then the Gumbel noise: per block, uniforms over its candidates."""
         n = self.cfg.global_batch_size
-        t, noise, drop = draw_step_noise(gen, n, self.part, tuple(x.shape[1:]), self.diffusion.num_timesteps,
-                                         self.cfg.class_dropout_prob)
-        uniforms = [torch.rand(n, len(l), generator=gen, device=dev)[self.part] for l in self.gate_params]
-        return [x, y, t, noise, drop, *uniforms]
+        return [*super().inputs(gen, step),
+                *[torch.rand(n, len(l), generator=gen, device=gen.device)[self.part] for l in self.gate_params]]
 
     def loss(self, net, inputs, step):
         x, y, t, noise, drop, *uniforms = inputs
@@ -133,10 +125,10 @@ class LearnableSearch(Task):
         return terms["loss"].mean(), {}
 
     def state(self):
-        return {"data": self.data.state(), "history": self.history}
+        return {**super().state(), "history": self.history}
 
     def load_state(self, s):
-        self.data.load_state(s["data"])
+        super().load_state(s)
         self.history = s["history"]
 
     def on_log(self, step, entry):
@@ -159,17 +151,6 @@ class LearnableSearch(Task):
 
     def probabilities(self):
         return [torch.softmax(l.float() * self.cfg.scaling, 0) for l in self.ema_logits()]
-
-    @property
-    def step(self):
-        return self.engine.step
-
-    @property
-    def skipped(self):
-        return self.engine.skipped_steps if hasattr(self.engine, "skipped_steps") else 0
-
-    def resume(self, path):
-        self.engine.resume(path)
 
     def run(self, ckpt_path=None, progress=True):
         self.engine.show_progress = progress and self.rank == 0

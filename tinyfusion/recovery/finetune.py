@@ -8,14 +8,14 @@ the student, without gradients.
 """
 import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from ..data.batches import draw_step_noise
 from ..models.stack import block_stack
-from ..training import Engine, RunOptions, Task
+from ..training import Engine, RunOptions
+from ..training.denoising import DenoisingTask
 from ..training.precision import to_float
 from .kd import KDWeights, masked_hidden_kd, variance_kd
 
@@ -57,13 +57,14 @@ class WithHiddenStates(nn.Module):
         return to_float(out), [rec[i][1].float() for i in self.layers]
 
 
-class Recovery(Task):
+class Recovery(DenoisingTask):
     name = "recover"
     hint = "lower --lr or the KD weights"
 
     def __init__(self, student, teacher, pairs, diffusion, data, cfg: FinetuneConfig, rank=0, world=1, device="cpu",
                  options=None, log=None):
-        self.cfg, self.diffusion, self.data = cfg, diffusion, data
+        self.cfg = cfg
+        self.use_data(data, diffusion, student.config.class_dropout_prob, rank, world)
         self.name = f"recover ({cfg.kd})"
         self.grad_clip = cfg.grad_clip
         self.model = self.student = student.to(device).train()
@@ -74,9 +75,6 @@ class Recovery(Task):
         self.teacher_net = WithHiddenStates(self.teacher, [t for _, t in self.pairs]) if self.teacher is not None else None
         frozen = block_stack(self.student).frozen
         self.params = [p for n, p in self.student.named_parameters() if n not in frozen]
-        self.local = cfg.global_batch_size // world
-        self.part = slice(rank * self.local, (rank + 1) * self.local)
-        self.dropout = student.config.class_dropout_prob
         self.engine = Engine(self, options or RunOptions(), rank, world, device, log)
 
     # --- what the engine asks --------------------------------------------------------------------
@@ -91,22 +89,6 @@ class Recovery(Task):
 
     def ema_decay(self, step):
         return self.cfg.ema_at(step)
-
-    def settings(self):
-        return {k: v for k, v in asdict(self.cfg).items() if k not in ("steps", "log_every", "ckpt_every")}
-
-    def state(self):
-        return {"data": self.data.state()}
-
-    def load_state(self, s):
-        self.data.load_state(s["data"])
-
-    def inputs(self, gen, step):
-        x, y = self.data.next()
-        x, y = x.to(gen.device, non_blocking=True), y.to(gen.device, non_blocking=True)
-        t, noise, drop = draw_step_noise(gen, self.cfg.global_batch_size, self.part, tuple(x.shape[1:]),
-                                         self.diffusion.num_timesteps, self.dropout)
-        return [x, y, t, noise, drop]
 
     def loss(self, net, inputs, step):
         x, y, t, noise, drop = inputs
@@ -137,21 +119,6 @@ class Recovery(Task):
         return loss, parts
 
     # --- the run ---------------------------------------------------------------------------------
-    @property
-    def step(self):
-        return self.engine.step
-
-    @property
-    def curve(self):
-        return self.engine.curve
-
-    @property
-    def skipped(self):
-        return getattr(self.engine, "skipped_steps", 0)
-
-    def resume(self, path):
-        self.engine.resume(path)
-
     def run(self, state_path=None, snapshot=None, snapshot_steps=()):
         """Train to cfg.steps; `snapshot(ema, step)` is called on rank 0 at each of snapshot_steps."""
         wanted = set(snapshot_steps)

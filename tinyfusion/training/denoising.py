@@ -1,6 +1,7 @@
-"""The plain training task: a denoiser (DiT, SiT or MAR) from scratch on its objective, with an EMA."""
+"""Tasks that train a denoiser on data: the shared data-and-draws part, and plain training from scratch
+(DiT, SiT or MAR on its objective, with an EMA)."""
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..data.batches import draw_step_noise
 from .engine import Task
@@ -22,18 +23,45 @@ class TrainConfig:
     max_bad_steps: int = 20
 
 
-class DenoiserTraining(Task):
+RUN_FIELDS = ("steps", "log_every", "ckpt_every", "max_bad_steps")  # a resumed run may change these
+
+
+class DenoisingTask(Task):
+    """A task whose step is a batch of data plus the diffusion draws for it (timesteps, noise, label
+    dropout) over the global batch, this rank's slice; its resumable state is the data position."""
+
+    def use_data(self, data, diffusion, dropout, rank, world):
+        self.data, self.diffusion, self.dropout = data, diffusion, dropout
+        local = self.cfg.global_batch_size // world
+        self.part = slice(rank * local, (rank + 1) * local)
+
+    def settings(self):
+        return {k: v for k, v in asdict(self.cfg).items() if k not in RUN_FIELDS}
+
+    def state(self):
+        return {"data": self.data.state()}
+
+    def load_state(self, s):
+        self.data.load_state(s["data"])
+
+    def inputs(self, gen, step):
+        x, y = self.data.next()
+        x, y = x.to(gen.device, non_blocking=True), y.to(gen.device, non_blocking=True)
+        t, noise, drop = draw_step_noise(gen, self.cfg.global_batch_size, self.part, tuple(x.shape[1:]),
+                                         self.diffusion.num_timesteps, self.dropout)
+        return [x, y, t, noise, drop]
+
+
+class DenoiserTraining(DenoisingTask):
     name = "train"
 
     def __init__(self, model, diffusion, data, cfg: TrainConfig, rank=0, world=1):
-        self.cfg, self.diffusion, self.data = cfg, diffusion, data
+        self.cfg = cfg
+        self.use_data(data, diffusion, model.config.class_dropout_prob, rank, world)
         self.model = self.net = model.train()
         self.ema = copy.deepcopy(model).requires_grad_(False)
         self.grad_clip, self.weight_decay = cfg.grad_clip, cfg.weight_decay
         self.params = [p for p in model.parameters() if p.requires_grad]
-        local = cfg.global_batch_size // world
-        self.part = slice(rank * local, (rank + 1) * local)
-        self.dropout = model.config.class_dropout_prob
 
     def param_groups(self):
         return [{"params": self.params, "lr": self.cfg.lr}]
@@ -49,22 +77,7 @@ class DenoiserTraining(Task):
         return self.cfg.ema_decay
 
     def settings(self):
-        c = self.cfg
-        return {"lr": c.lr, "warmup": c.warmup, "weight_decay": c.weight_decay, "grad_clip": c.grad_clip,
-                "ema_decay": c.ema_decay, "config": self.model.config.to_dict()}
-
-    def state(self):
-        return {"data": self.data.state()}
-
-    def load_state(self, s):
-        self.data.load_state(s["data"])
-
-    def inputs(self, gen, step):
-        x, y = self.data.next()
-        x, y = x.to(gen.device, non_blocking=True), y.to(gen.device, non_blocking=True)
-        t, noise, drop = draw_step_noise(gen, self.cfg.global_batch_size, self.part, tuple(x.shape[1:]),
-                                         self.diffusion.num_timesteps, self.dropout)
-        return [x, y, t, noise, drop]
+        return {**super().settings(), "config": self.model.config.to_dict()}
 
     def loss(self, net, inputs, step):
         x, y, t, noise, drop = inputs

@@ -90,6 +90,22 @@ class Task:
     def on_log(self, step, entry):
         """Called at every log point with the synced means; may add keys to `entry`."""
 
+    # --- for a task that builds its own engine as self.engine ----------------------------------------
+    @property
+    def step(self):
+        return self.engine.step
+
+    @property
+    def curve(self):
+        return self.engine.curve
+
+    @property
+    def skipped(self):
+        return self.engine.skipped_steps
+
+    def resume(self, path):
+        self.engine.resume(path)
+
 
 def adamw(groups, weight_decay, device):
     """AdamW, fused where the device supports it (one kernel for all parameters, and it takes the
@@ -133,7 +149,7 @@ class Engine:
         self.window_start, self.window_t = 0, None
         self.saver = AsyncSaver(self.opts.async_save)
         self.last_save = time.time()
-        self.step_times = []
+        self.step_times, self.skipped_steps = [], 0
 
     # --- state ---------------------------------------------------------------------------------
     def settings(self):
