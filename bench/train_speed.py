@@ -349,22 +349,29 @@ def main(argv=None):
         if not cpu:
             torch.cuda.empty_cache()
 
-    for step, ours in (("search", our_search), ("masked_kd", our_kd)):
+    # Most valuable first, so a run cut short keeps it: each step's bf16 beside the official code, then the
+    # other precisions, then the compiled runs (each compiles anew).
+    plan = []
+    for mode in args.modes:
         for variant in args.variants:
-            prec, tf32 = VARIANTS[variant]
-            if cpu and variant == "fp16" and not args.dry_run:
-                continue
-            for mode in args.modes:
-                if mode == "compile" and variant not in args.compile_variants:
+            for step in ("search", "masked_kd"):
+                if (mode == "compile" and variant not in args.compile_variants) or (
+                        cpu and variant == "fp16" and not args.dry_run):
                     continue
-                opts = RunOptions(precision=prec, tf32=tf32, compile=mode == "compile", async_save=False,
-                                  compile_backend="eager" if args.dry_run else "inductor")
-                record({"code": "ours", "step": step, "variant": variant, "mode": mode},
-                       lambda: (ours(preset, args.device, opts), None))
-        if official is not None:
+                plan.append(("ours", step, variant, mode))
+                if official is not None and mode == "eager" and variant == args.variants[0]:
+                    plan.append(("official", step, "bf16" if step == "search" else "fp16", "eager"))
+    for code, step, variant, mode in plan:
+        row = {"code": code, "step": step, "variant": variant, "mode": mode}
+        if code == "official":
             build = official_search if step == "search" else official_kd
-            record({"code": "official", "step": step, "variant": "bf16" if step == "search" else "fp16", "mode": "eager"},
-                   lambda: build(preset, args.device, official))
+            record(row, lambda: build(preset, args.device, official))
+            continue
+        prec, tf32 = VARIANTS[variant]
+        opts = RunOptions(precision=prec, tf32=tf32, compile=mode == "compile", async_save=False,
+                          compile_backend="eager" if args.dry_run else "inductor")
+        ours = our_search if step == "search" else our_kd
+        record(row, lambda: (ours(preset, args.device, opts), None))
     rows = project(results)
     results["projection"] = rows
     atomic_write(out, lambda tmp: open(tmp, "w").write(json.dumps(results, indent=2)))
