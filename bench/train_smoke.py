@@ -11,7 +11,6 @@ tensor), which is the one check beyond "it ran".
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,29 +37,27 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(cmd, timeout):
+def run(cmd, timeout, env=None):
     t0 = time.time()
     try:
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        code, err = res.returncode, res.stderr
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+        code, err, stdout = res.returncode, res.stderr, res.stdout
     except subprocess.TimeoutExpired as e:
-        code, err = 124, (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        code, err, stdout = 124, (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or ""), ""
     lines = [l for l in err.splitlines() if l.strip() and "%|" not in l]
-    return {"exit": code, "seconds": round(time.time() - t0, 1), "last_error": lines[-1][-300:] if code and lines else None}
+    return {"exit": code, "seconds": round(time.time() - t0, 1), "last_error": lines[-1][-300:] if code and lines else None,
+            "stdout": stdout}
 
 
-def killed_then_resumed(cmd, state, timeout):
-    """Start cmd, SIGKILL it once `state` exists, then rerun with --resume."""
+def killed_then_resumed(cmd, kill_at, timeout):
+    """Run cmd so that it SIGKILLs itself right after writing step kill_at's state, then rerun with --resume."""
+    from tinyfusion.training.engine import KILL_AFTER_STATE
+
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    while not os.path.exists(state) and proc.poll() is None and time.time() - t0 < timeout:
-        time.sleep(0.05)
-    killed = proc.poll() is None
-    if killed:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    killed = run(cmd, timeout, env={**os.environ, KILL_AFTER_STATE: str(kill_at)})
     out = run([*cmd, "--resume"], timeout)
-    out["killed_mid_run"] = killed
+    out.update(killed_mid_run=killed["exit"] != 0 and f"resuming at step {kill_at} " in out["stdout"],
+               seconds=round(time.time() - t0, 1))
     return out
 
 
@@ -87,6 +84,7 @@ def main(argv=None):
                "date": time.strftime("%Y-%m-%d"), "runs": []}
 
     def record(family, name, res):
+        res.pop("stdout", None)
         res.update(family=family, step=name)
         results["runs"].append(res)
         print(json.dumps(res), flush=True)
@@ -113,8 +111,8 @@ def main(argv=None):
             ref, cut = os.path.join(base, "ref"), os.path.join(base, "cut")
             ok = record(family, "finetune", run(torchrun(free_port(), "-m", "tinyfusion.finetune", *ft, "--out", ref),
                                                 args.timeout))
-            res = killed_then_resumed(torchrun(free_port(), "-m", "tinyfusion.finetune", *ft, "--out", cut),
-                                      os.path.join(cut, "finetune_state.pt"), args.timeout)
+            res = killed_then_resumed(torchrun(free_port(), "-m", "tinyfusion.finetune", *ft, "--out", cut), 8,
+                                      args.timeout)
             if ok and res["exit"] == 0:
                 res["resumed_equals_uninterrupted"] = same_weights(os.path.join(ref, "recovered.safetensors"),
                                                                    os.path.join(cut, "recovered.safetensors"))
@@ -124,7 +122,8 @@ def main(argv=None):
                                                         os.path.join(base, "samples.npz"), "--num-samples", "8",
                                                         "--steps", "4" if family != "mar" else "2", "--batch-size", "8"),
                                                args.timeout))
-    bad = [r for r in results["runs"] if r["exit"] != 0 or r.get("resumed_equals_uninterrupted") is False]
+    bad = [r for r in results["runs"] if r["exit"] != 0 or r.get("resumed_equals_uninterrupted") is False
+           or r.get("killed_mid_run") is False]
     print(f"{len(results['runs'])} commands, {len(bad)} failed -> {out}")
     if bad:
         raise UserError(f"{len(bad)} smoke commands failed, first: {bad[0]['family']} {bad[0]['step']}: "

@@ -132,7 +132,7 @@ def import_official(path):
 def official_lora(model, rank):
     """The official convert_to_lora_model: every nn.Linear becomes a LoRA layer (torchtune's when present)."""
     try:
-        from torchtune.modules.peft import LoRALinear, get_adapter_params
+        from torchtune.modules.peft import LoRALinear
 
         def make(m):
             lora = LoRALinear(in_dim=m.in_features, out_dim=m.out_features, rank=rank, alpha=2 * rank,
@@ -147,7 +147,7 @@ def official_lora(model, rank):
 
         def make(m):
             return LoRALinear(m, rank, 2 * rank)
-        get_adapter_params, kind = None, "tinyfusion LoRALinear (torchtune missing; same math)"
+        kind = "tinyfusion LoRALinear (torchtune missing; same math)"
 
     def convert(module):
         for name, child in module.named_children():

@@ -186,3 +186,32 @@ def test_random_baselines_keep_every_stack_alive():
     masks = [random_mask(8, 4, seed, [4, 4]) for seed in range(300)]
     assert all(keeps_every_stack(m, [4, 4]) for m in masks) and len({tuple(m) for m in masks}) > 30
     assert random_mask(12, 6, 3) == random_mask(12, 6, 3, [12])  # one stack: the draw is unchanged
+
+
+def test_gumbel_draws_follow_the_softmax_of_the_scaled_logits():
+    """Over 20K per-sample draws each candidate is picked with frequency softmax(scale * logits) (the
+    Gumbel-max property, whatever tau): catches a wrong sign of the noise, the scale applied after the
+    noise, or a draw shared across samples."""
+    gates = MaskGates([[2, 4]])  # 6 candidates
+    with torch.no_grad():
+        gates.logits[0].copy_(torch.tensor([0.012, 0.0, -0.005, 0.004, -0.01, 0.008]))
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    mask = gates.sample([torch.rand(n, 6, generator=g)], tau=0.5, scale=100.0).detach()
+    picks = (mask[:, None, :] == gates.candidates(0)[None]).all(-1).float().argmax(-1)
+    freq = torch.bincount(picks, minlength=6).double() / n
+    want = torch.softmax(gates.logits[0].detach().double() * 100.0, 0)
+    assert (freq - want).abs().max() < 0.02, (freq, want)
+
+
+def test_schedules_at_their_end_points():
+    """tau anneals 4 -> 0.1 over the search's steps, the recovery lr runs a cosine 2e-4 -> 1e-4, and the EMA
+    warm-up starts at 0.1 and reaches the decay: the paper's schedules, not off by a step or a factor."""
+    from tinyfusion.recovery.finetune import FinetuneConfig
+
+    s = SearchConfig(groups=[[1, 2]], steps=500)
+    assert s.tau(0) == 4.0 and s.tau(499) == pytest.approx(0.1) and s.tau(250) == pytest.approx(4.0 - 3.9 * 250 / 499)
+    f = FinetuneConfig(steps=1000)
+    assert f.lr_at(0) == pytest.approx(2e-4) and f.lr_at(1000) == pytest.approx(1e-4) and f.lr_at(500) == pytest.approx(1.5e-4)
+    assert f.ema_at(0) == pytest.approx(0.1) and f.ema_at(10**6) == 0.9999 and f.ema_at(89_991) == pytest.approx(0.9999, abs=1e-8)
+    assert FinetuneConfig(ema_warmup=False).ema_at(0) == 0.9999

@@ -245,3 +245,17 @@ def test_resume_refuses_a_pre_engine_or_foreign_state(tmp_path):
     s.engine.run(path)
     with pytest.raises(UserError, match="different settings"):  # a search state is not a recovery's
         recovery().resume(path)
+
+
+def test_masked_kd_loss_is_its_formula_at_every_logged_step():
+    """Logged every step, loss = 0.9 * output KD + 0.1 * diffusion + beta(step) * hidden KD with beta falling
+    linearly 1e-2 -> 0: catches swapped weights, a beta schedule off by a step, or a term left out."""
+    task = recovery(steps=5)
+    task.cfg.log_every = 1
+    task.engine.run()
+    assert [e["step"] for e in task.curve] == [1, 2, 3, 4, 5]
+    for e in task.curve:
+        beta = 1e-2 * (1 - (e["step"] - 1) / 4)
+        want = 0.9 * e["output_kd"] + 0.1 * e["diffusion"] + beta * e["hidden_kd"]
+        assert e["loss"] == pytest.approx(want, rel=1e-5), e
+    assert task.curve[-1]["hidden_kd"] > 0 and task.curve[0]["output_kd"] > 0

@@ -15,6 +15,8 @@ uninterrupted process.
 """
 import contextlib
 import json
+import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -26,6 +28,11 @@ from ..runlog import progress
 from . import precision as amp
 from .blocks import wrap_blocks
 from .state import AsyncSaver, load
+
+
+# Set to N, a run SIGKILLs itself right after writing step N's state: kill-and-resume tests resume from a
+# known 0 < N < steps instead of racing a kill against the run.
+KILL_AFTER_STATE = "TINYFUSION_TEST_KILL_AFTER_STATE"
 
 
 @dataclass
@@ -317,6 +324,9 @@ class Engine:
                 if state_path and self.rank == 0 and due:
                     self.save(state_path)
                     self.last_save = time.time()
+                    if os.environ.get(KILL_AFTER_STATE) == str(done):  # tests: die mid-run, state N on disk
+                        self.saver.wait()
+                        os.kill(os.getpid(), signal.SIGKILL)
         finally:
             bar.close()
             self.saver.wait()
