@@ -48,7 +48,7 @@ cat "$RES/device.json"
 OFFICIAL_ARG=(); [[ -f .official/train_masked_kd.py ]] && OFFICIAL_ARG=(--official .official)
 stage train "training step speed (ours, official)" 150 $PY bench/train_speed.py --device cuda "${OFFICIAL_ARG[@]}" \
     --json "$RES/train_speed.json"
-stage smoke "training commands under torchrun (NCCL)" 120 $PY bench/train_smoke.py --json "$RES/train_smoke.json"
+stage smoke "training commands under torchrun (NCCL)" 150 $PY bench/train_smoke.py --json "$RES/train_smoke.json"
 stage tests "GPU tests" 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_training.py \
     --junitxml="$RES/gpu_tests.xml"
 stage latency "latency xl: eager, triton" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \

@@ -58,7 +58,8 @@ def parse_args(argv):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", help="run folder (default: <pruned folder>/recover-<kd>)")
     d.add_argument("--resume", action="store_true")
-    d.add_argument("--ckpt-every", type=positive(), default=250)
+    d.add_argument("--ckpt-every", type=positive(),
+                   help="steps between resumable states (default 250 on digits, 10000 on latents; --ckpt-minutes also saves)")
     d.add_argument("--log-every", type=positive(), default=25)
     d.add_argument("--snapshot-steps", default="", help="comma-separated steps at which to also save EMA weights")
     d.add_argument("--eval-samples", type=int, default=1000, help="digits evaluation at the end (0 skips)")
@@ -66,6 +67,8 @@ def parse_args(argv):
     d.add_argument("--num-workers", type=int, help="latent loader workers (default: 0 on the CPU, up to 8 per GPU)")
     add_engine_args(p)
     args = p.parse_args(argv)
+    if args.ckpt_every is None:  # a multi-GB state every few hundred fast GPU steps would stall the run
+        args.ckpt_every = 10000 if args.data_path else 250
     if not 0 < args.ema_decay < 1:
         raise UserError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
     try:

@@ -75,11 +75,14 @@ def parse_args(argv):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", help="run folder (default runs/prune-<method>-<time>/)")
     d.add_argument("--resume", action="store_true", help="continue the search saved in --out")
-    d.add_argument("--ckpt-every", type=positive(), default=100)
+    d.add_argument("--ckpt-every", type=positive(),
+                   help="steps between resumable states (default 100 on digits, 2000 on latents; --ckpt-minutes also saves)")
     d.add_argument("--log-every", type=positive(), default=10)
     d.add_argument("--num-workers", type=int, help="latent loader workers (default: 0 on the CPU, up to 8 per GPU)")
     add_engine_args(p)
     args = p.parse_args(argv)
+    if args.ckpt_every is None:  # a multi-GB state every few hundred fast GPU steps would stall the run
+        args.ckpt_every = 2000 if args.data_path else 100
     args.ckpt = args.ckpt or default_teacher(args.model)
     if args.method not in METHODS:
         raise UserError(f"unknown --method {args.method!r}; choose one of {', '.join(METHODS)}")

@@ -68,13 +68,16 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results-dir", default="runs")
     p.add_argument("--name", help="run folder name under --results-dir")
-    p.add_argument("--ckpt-every", type=positive(), default=500, help="steps between resumable checkpoints")
+    p.add_argument("--ckpt-every", type=positive(),
+                   help="steps between resumable states (default 500 on digits, 10000 on latents; --ckpt-minutes also saves)")
     p.add_argument("--log-every", type=positive(), default=50)
     p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last.pt")
     p.add_argument("--max-bad-steps", type=positive(), default=20, help="abort after this many non-finite losses in a row")
     p.add_argument("--num-workers", type=int, help="latent loader workers (default: 0 on the CPU, up to 8 per GPU)")
     add_engine_args(p)
     args = p.parse_args(argv)
+    if args.ckpt_every is None:  # a multi-GB state every few hundred fast GPU steps would stall the run
+        args.ckpt_every = 10000 if args.data_path and not args.preset else 500
     preset = PRESETS.get(args.preset, {})
     for key in ("steps", "global_batch_size", "lr", "ema_decay", "warmup", "name"):
         if getattr(args, key) is None:
