@@ -28,11 +28,25 @@ def test_train_resume_continues_where_it_stopped(tmp_path, capsys):
 
 
 def test_train_ddp_two_gloo_ranks(tmp_path):
+    """2 gloo ranks train the weights one process trains (the global batch sliced per rank, gradients
+    averaged): removing DDP, or per-rank randomness, fails."""
+    import torch
+
+    common = [*TINY, "--steps", "6", "--results-dir", str(tmp_path)]
+    one = run_module(["-m", "tinyfusion.train", *common, "--name", "one"])
+    assert one.returncode == 0, one.stderr[-2000:]
     res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "tinyfusion.train",
-                      *TINY, "--steps", "6", "--results-dir", str(tmp_path), "--name", "ddp"])
+                      *common, "--name", "ddp"])
     assert res.returncode == 0, res.stderr[-2000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 6
+    ref = json.loads((tmp_path / "one" / "metrics.json").read_text())["loss_curve"]
+    assert [p["step"] for p in ref] == [p["step"] for p in metrics["loss_curve"]] == [5, 6]
+    for a, b in zip(ref, metrics["loss_curve"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    wa = tinyfusion.load(str(tmp_path / "one" / "model.safetensors")).state_dict()
+    wb = tinyfusion.load(str(tmp_path / "ddp" / "model.safetensors")).state_dict()
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
 
 
 @pytest.mark.parametrize("argv,fragment", [

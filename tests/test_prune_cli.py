@@ -125,6 +125,20 @@ def test_teacher_that_is_not_a_dit(tmp_path, capsys):
     assert_one_line_error(code, err, "not a DiT checkpoint")
 
 
+def test_a_bad_label_found_by_a_loader_worker_is_one_line(tmp_path, capsys):
+    """With loader worker processes, a label outside the classes still ends as one error line and exit 2,
+    not the DataLoader's wrapped "Caught UserError in DataLoader worker" traceback."""
+    root = write_latent_folder(tmp_path / "lat", 40, (4, 8, 8), 5)
+    import numpy as np
+
+    np.save(root / "imagenet64_labels" / "7.npy", np.array([99]))
+    ckpt = tmp_path / "latent.safetensors"
+    tinyfusion.save(tiny_dit(depth=4), str(ckpt))
+    code, _, err = run_main(prune_main, ["--ckpt", str(ckpt), "--data-path", str(root), "--calib-samples", "40",
+                                         "--num-workers", "2", "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "label 99 is outside 0..4")
+
+
 def test_empty_latent_folder(tmp_path, capsys, tiny_teacher):
     (tmp_path / "lat" / "x_features").mkdir(parents=True)
     (tmp_path / "lat" / "x_labels").mkdir()

@@ -130,6 +130,19 @@ def test_search_gradients_reach_gates_and_lora():
     assert all("lora_" in n for n, p in s.net.model.named_parameters() if p.requires_grad)
 
 
+def test_search_ema_follows_every_trainable_tensor():
+    """After one step each EMA tensor is 0.999 * its start + 0.001 * the trained value, gates included:
+    a frozen, skipped or gates-only EMA (the decision's source) fails."""
+    m, _, _ = digits_setup()
+    s = search(m)
+    start = [p.detach().clone() for p in s.trainable]
+    s.engine.train_step()
+    assert len(s.ema) == len(s.trainable) == len(start)
+    for e, p0, p in zip(s.ema, start, s.trainable):
+        torch.testing.assert_close(e, 0.999 * p0 + 0.001 * p.detach(), rtol=0, atol=1e-7)
+    assert any(not torch.equal(e, p0) for e, p0 in zip(s.ema_logits(), start[len(s.weights):]))
+
+
 def test_search_decision_is_deterministic_under_a_seed():
     a = search(digits_setup()[0], seed=3)
     b = search(digits_setup()[0], seed=3)
@@ -165,6 +178,26 @@ def test_score_baselines_keep_the_right_count():
     assert baselines.oracle(12, 6) == [0, 2, 4, 7, 9, 11]
     assert baselines.oracle(28, 14) == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]
     assert baselines.random_mask(12, 6, 1) == baselines.random_mask(12, 6, 1)
+
+
+def test_score_baselines_drop_the_block_that_does_nothing():
+    """Block 2 made exactly the identity (its adaLN output zeroed): BI and Flux-Lite score it 0 and keep the
+    other three; sensitivity drops the layer whose removal costs least. A sign flip in the ranking (keeping
+    the least important) fails."""
+    m, d, calib = digits_setup(depth=4)
+    with torch.no_grad():
+        m.blocks[2].adaLN_modulation[-1].weight.zero_()
+        m.blocks[2].adaLN_modulation[-1].bias.zero_()
+    for fn in (baselines.block_influence, baselines.fluxlite):
+        kept, scores = fn(m, d, calib, 3)
+        assert kept == [0, 1, 3] and abs(next(iter(scores.values()))[2]) < 1e-6, (fn.__name__, scores)
+    # sensitivity: removing the identity block leaves the loss unchanged, and the layer it drops is the one
+    # whose removal raises the loss least (on random weights that can be a block that hurts, rise < 0)
+    kept, scores = baselines.sensitivity(m, d, calib, 3)
+    rise = [v - scores["full_model_loss"] for v in scores["loss_without_layer"]]
+    assert rise[2] == pytest.approx(0, abs=1e-6)
+    assert [i for i in range(4) if i not in kept] == [min(range(4), key=lambda i: rise[i])]
+    assert baselines.keep_top([0.1, 0.9, 0.5], 2) == [1, 2]
 
 
 def test_random_search_orders_min_median_max():

@@ -33,6 +33,12 @@ def test_outlier_mask_drops_massive_activations_per_sample():
     m = outlier_mask(h, 2.0)
     assert m[0, 0, 0] == 0 and m[0].sum() == 31
     assert m[1].sum() >= 28  # a Gaussian sample keeps most of its values within 2 std
+    # per sample, not over the batch: beside a sample 1000x larger, sample 0's outlier is still an outlier
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 4, 8, generator=g)
+    h[0, 0, 0] = 6.0
+    h[1] *= 1000
+    assert outlier_mask(h, 2.0)[0, 0, 0] == 0
 
 
 def test_hidden_kd_is_zero_for_identical_states_and_masks_outliers():
@@ -121,8 +127,35 @@ def test_finetune_two_gloo_ranks_match_one(tmp_path, pruned):
     assert two.returncode == 0, two.stderr[-2000:]
     a = json.loads((tmp_path / "one" / "metrics.json").read_text())["loss_curve"]
     b = json.loads((tmp_path / "two" / "metrics.json").read_text())["loss_curve"]
+    assert len(a) == len(b) == 2
     for pa, pb in zip(a, b):
         assert pa["loss"] == pytest.approx(pb["loss"], rel=1e-4)
+    wa = tinyfusion.load(str(tmp_path / "one" / "recovered.safetensors")).state_dict()
+    wb = tinyfusion.load(str(tmp_path / "two" / "recovered.safetensors")).state_dict()
+    assert wa.keys() == wb.keys()
+    for k in wa:  # DDP's gradient average differs from one process's mean only in rounding
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_recovered_weights_are_the_ema(tmp_path, capsys, pruned):
+    """recovered.safetensors holds the EMA of the final state, which differs from the student and from the
+    pruned input: saving the student, or a skipped EMA, fails."""
+    from tinyfusion.training.state import load
+
+    ckpt, _ = pruned
+    code, _, err = run_main(finetune_main, ["--ckpt", ckpt, "--steps", "6", *FAST, "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    model = tinyfusion.load(str(tmp_path / "o" / "recovered.safetensors"))
+    state = load(str(tmp_path / "o" / "finetune_state.pt"))
+    names = [n for n, _ in model.named_parameters()]
+    saved = model.state_dict()
+    start = tinyfusion.load(ckpt).state_dict()
+    trained = {n: p for n, p in zip([n for n, p in model.named_parameters() if n != "pos_embed"], state["params"])}
+    assert len(state["ema"]) == len(names)
+    for n, e in zip(names, state["ema"]):
+        assert torch.equal(saved[n], e), n
+    moved = [n for n in trained if not torch.equal(saved[n], trained[n])]
+    assert moved and any(not torch.equal(saved[n], start[n]) for n in names)
 
 
 def test_student_not_derived_from_teacher(tmp_path, capsys, pruned):

@@ -39,5 +39,8 @@ def barrier():
 
 
 def cleanup():
+    """Every rank waits for the others (rank 0 may still be writing artifacts) before the group goes: a rank
+    that tears gloo down early makes a late one abort on a closed pair."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -50,6 +50,12 @@ def default_workers(device=None):
     return max(1, min(8, (os.cpu_count() or 2) // per_node - 1))
 
 
+def worker_message(text):
+    """The original one-line message inside a DataLoader worker's wrapped traceback (or the text itself)."""
+    lines = [l for l in text.splitlines() if "UserError: " in l]
+    return lines[-1].split("UserError: ", 1)[1] if lines else text
+
+
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Each epoch one seeded permutation cut into global batches; this rank yields its slice of each.
 
@@ -122,6 +128,8 @@ class LatentBatches:
             except StopIteration:
                 s.epoch, s.start, self.it = s.epoch + 1, 0, None
                 continue
+            except UserError as e:  # raised in a loader worker: its message arrives wrapped in a traceback
+                raise UserError(worker_message(str(e))) from None
             self.consumed += 1
             return batch
 

@@ -106,4 +106,4 @@ class LatentFolder(torch.utils.data.Dataset):
         """item: an index, or (index, draw) from the sampler; the draw picks one of the stacked latents."""
         i, draw = item if isinstance(item, tuple) else (item, 0)
         x = self.features(i)
-        return torch.from_numpy(np.ascontiguousarray(x[draw % len(x)], dtype=np.float32)), self.label(i)
+        return torch.from_numpy(np.array(x[draw % len(x)], dtype=np.float32)), self.label(i)  # a copy, off the memory map
