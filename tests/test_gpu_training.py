@@ -20,7 +20,7 @@ def test_cuda_defaults_to_bf16():
     assert precision.resolve("auto", "cuda") == "bf16"
 
 
-def cuda_recovery(steps=8, **opts):
+def cuda_recovery(steps=8, world=1, **opts):
     from tinyfusion.data.batches import DigitsBatches
     from tinyfusion.diffusion.gaussian import create_diffusion
     from tinyfusion.recovery.finetune import FinetuneConfig, Recovery
@@ -29,7 +29,7 @@ def cuda_recovery(steps=8, **opts):
 
     c = FinetuneConfig(steps=steps, global_batch_size=16, log_every=2, ckpt_every=2)
     return Recovery(digits_dit(2, seed=1), digits_dit(4), alignment([[1, 2], [1, 2]], [1, 3]), create_diffusion(""),
-                    DigitsBatches(16, 0), c, device="cuda", options=RunOptions(async_save=False, **opts))
+                    DigitsBatches(16, 0, 0, world), c, world=world, device="cuda", options=RunOptions(async_save=False, **opts))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
@@ -126,3 +126,18 @@ def test_a_training_step_never_waits_for_the_host(kind, precision):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert task.engine.step == 4
+
+
+def test_engine_collectives_run_on_an_nccl_group(tmp_path):
+    """NCCL reduces only CUDA tensors: the engine's skip flag and logged losses must be device tensors. A
+    one-rank NCCL group with the engine told world=2 (so DDP and every collective run) completes steps and
+    log points; the pre-engine loops all-reduced a CPU flag and crashed at step 1."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        task = cuda_recovery(steps=4, world=2)
+        task.engine.run()
+        assert [e["step"] for e in task.curve] == [2, 4] and task.engine.skipped_steps == 0
+    finally:
+        dist.destroy_process_group()
