@@ -248,3 +248,22 @@ def test_schedules_at_their_end_points():
     assert f.lr_at(0) == pytest.approx(2e-4) and f.lr_at(1000) == pytest.approx(1e-4) and f.lr_at(500) == pytest.approx(1.5e-4)
     assert f.ema_at(0) == pytest.approx(0.1) and f.ema_at(10**6) == 0.9999 and f.ema_at(89_991) == pytest.approx(0.9999, abs=1e-8)
     assert FinetuneConfig(ema_warmup=False).ema_at(0) == 0.9999
+
+
+def test_a_harmful_layer_is_dropped_by_the_search_and_sensitivity_but_kept_by_bi_and_fluxlite():
+    """Layer 1's attention output scaled by 50 wrecks the model's predictions. The learnable search (which
+    minimizes the loss under the masks) and sensitivity (the loss without each layer) drop it; BI and
+    Flux-Lite measure how much a layer *changes* its input, so they rank it most important and keep it,
+    the blind spot the paper's recoverability criterion avoids. Catches a search whose gates do not follow
+    the loss, or a baseline whose ranking is reversed."""
+    from tinyfusion.pruning.masks import kept_from_choices
+
+    m, d, calib = digits_setup(depth=4)
+    with torch.no_grad():
+        m.blocks[1].attn.proj.weight.mul_(50)
+    assert 1 not in baselines.sensitivity(m, d, calib, 2)[0]
+    assert 1 in baselines.block_influence(m, d, calib, 2)[0] and 1 in baselines.fluxlite(m, d, calib, 2)[0]
+    s = search(m, steps=40, ema_decay=0.9)
+    kept = kept_from_choices([[1, 2], [1, 2]], s.run(progress=False))
+    assert 1 not in kept and 0 in kept
+    assert s.probabilities()[0][0] > 0.9  # decided, not a coin flip
