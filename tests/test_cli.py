@@ -62,6 +62,20 @@ def test_train_bad_input(tmp_path, capsys, argv, fragment):
     assert_one_line_error(code, err, fragment)
 
 
+@pytest.mark.parametrize("command", ["train", "prune", "finetune"])
+def test_a_global_batch_that_does_not_split_over_the_ranks(tmp_path, capsys, monkeypatch, command):
+    """Under torchrun with 3 ranks a global batch of 16 is refused in one line, before any process group
+    waits for peers that a bad launch would never start."""
+    import importlib
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    argv = {"train": [*TINY, "--steps", "2", "--results-dir", str(tmp_path)],
+            "prune": ["--global-batch-size", "16", "--out", str(tmp_path / "p")],
+            "finetune": ["--ckpt", str(tmp_path / "none.safetensors"), "--global-batch-size", "16", "--out", str(tmp_path / "f")]}
+    code, _, err = run_main(importlib.import_module(f"tinyfusion.{command}").main, argv[command], capsys)
+    assert_one_line_error(code, err, "--global-batch-size 16 is not divisible by 3 ranks")
+
+
 def test_train_unwritable_results_dir(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     code, _, err = run_main(train_main, [*TINY, "--results-dir", str(tmp_path / "file" / "sub")], capsys)
@@ -120,10 +134,28 @@ def test_evaluate_refuses_non_digits_models(tmp_path, capsys):
     assert_one_line_error(code, err, "give --vae")
 
 
-def test_cli_help_runs():
-    for mod in ("train", "sample", "evaluate", "convert", "extract_features", "train_classifier"):
-        res = run_module(["-m", f"tinyfusion.{mod}", "--help"])
-        assert res.returncode == 0 and "usage:" in res.stdout, mod
+COMMANDS = ("train", "sample", "evaluate", "convert", "extract_features", "train_classifier", "prune", "finetune", "compare")
+BENCH = ("latency", "latency_stacks", "kernels", "prune_compare", "train_speed", "train_smoke")
+
+
+def test_every_command_has_help(capsys):
+    """`--help` of every command and bench script prints usage and exits 0 (an argument table that fails
+    to build, e.g. a bad default or a duplicated flag, fails here before any user meets it)."""
+    import importlib
+    import importlib.util
+    import os
+
+    from conftest import ROOT
+
+    mains = [(m, importlib.import_module(f"tinyfusion.{m}").main) for m in COMMANDS]
+    for name in BENCH:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        mains.append((name, module.main))
+    for name, main in mains:
+        code, out, err = run_main(main, ["--help"], capsys)
+        assert code == 0 and "usage:" in out, (name, err)
 
 
 def test_train_on_a_latent_folder(tmp_path, capsys):

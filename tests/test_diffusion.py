@@ -72,6 +72,7 @@ def test_training_loss_has_mse_and_vb_and_decreases():
         t = torch.randint(0, 1000, (64,), generator=g)
         terms = d.training_losses(lambda a, b: model(a, b, y[idx]), x[idx], t)
         assert set(terms) >= {"mse", "vb", "loss"}
+        torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])  # DiT's hybrid loss, per sample
         loss = terms["loss"].mean()
         opt.zero_grad()
         loss.backward()
@@ -104,6 +105,24 @@ def test_ddim_inverts_a_perfect_denoiser():
         return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
     out = ddim_loop(d, oracle, torch.randn(2, 1, 4, 4))
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
+
+
+def test_ddpm_ends_at_x0_with_a_perfect_denoiser():
+    """Ancestral DDPM with a model that knows x0 lands on x0 whatever the noise: the last step's posterior
+    mean is x0 exactly (coef2 = 0 at t = 0) and no noise is added there. Catches a sampler that adds noise
+    at the last step or mixes up the posterior coefficients."""
+    d = create_diffusion("25", learn_sigma=False)
+    from tinyfusion.diffusion.sampling import ddpm_loop
+
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+
+    def oracle(x, t_model):
+        t = torch.from_numpy(np.searchsorted(d.timestep_map, t_model.numpy()))
+        ab = _gather(d.alphas_cumprod, t, x.ndim)
+        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    out = ddpm_loop(d, oracle, torch.randn(2, 1, 4, 4), torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
 
 

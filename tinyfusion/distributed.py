@@ -25,9 +25,10 @@ def setup_run(global_batch_size, run_dir):
     """setup() plus what every training CLI checks first: the batch splits evenly, rank 0 can write run_dir."""
     from .errors import UserError, writable_file
 
-    rank, world, device = setup()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # checked before the process group waits for its peers
     if global_batch_size % world:
         raise UserError(f"--global-batch-size {global_batch_size} is not divisible by {world} ranks")
+    rank, world, device = setup()
     if rank == 0:
         writable_file(os.path.join(run_dir, "log.txt"))
     return rank, world, device
