@@ -84,3 +84,6 @@ def test_triton_backend_matches_eager_at_dit_xl_width(dtype, attention, monkeypa
     got = rt(x.cuda().to(dtype), t.cuda(), y.cuda()).float()
     cos = F.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
     assert cos > (0.99999 if dtype == torch.float32 else 0.999), cos
+    # cosine alone passes a scale error; the largest deviation against the largest value does not
+    rel = ((got - want).abs().max() / want.abs().max()).item()
+    assert rel < (1e-4 if dtype == torch.float32 else 2e-2), rel
