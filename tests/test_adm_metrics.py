@@ -54,17 +54,25 @@ def test_reference_stats_read_when_present(tmp_path):
 
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory):
-    """A generated state dict in pytorch-fid's key layout (random weights: the shapes and keys are the test)."""
+    """A generated state dict in pytorch-fid's key layout: random weights whose BatchNorm statistics are
+    measured on random images, so features vary with the input (with made-up statistics the signal dies
+    with depth: every image got the same features to 1e-9, and every FID was 0)."""
     import torch
 
     from tinyfusion.eval.inception import FIDInception
 
     torch.manual_seed(0)
     model = FIDInception()
-    for m in model.modules():  # non-trivial BatchNorm statistics, so eval mode is really exercised
+    for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, 256, (8, 64, 64, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.1
     path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
     torch.save(model.state_dict(), path)
     return str(path)
@@ -100,7 +108,10 @@ def test_wrong_weights_are_one_line_errors(tmp_path, inception_weights):
 
 
 def test_evaluate_cli_on_npz_batches(tmp_path, inception_weights, capsys):
+    """FID 0 against itself, > 0 against darker images, and reference statistics cached per Inception
+    weights (a cache keyed by file time alone would reuse the first weights' statistics)."""
     import json
+    import os
 
     from conftest import assert_one_line_error, run_main
     from tinyfusion.evaluate import main
@@ -115,11 +126,29 @@ def test_evaluate_cli_on_npz_batches(tmp_path, inception_weights, capsys):
     code, out, err = run_main(main, base + ["--samples", str(tmp_path / "same.npz"), "--json", str(tmp_path / "m.json")], capsys)
     assert code == 0, err
     same = json.loads((tmp_path / "m.json").read_text())
-    assert abs(same["fid"]) < 1e-6 and abs(same["sfid"]) < 1e-6 and same["precision"] == same["recall"] == 1.0
+    assert same["precision"] == same["recall"] == 1.0
     assert (tmp_path / "ref.npz.tinyfusion-stats.npz").exists()  # cached beside the reference
-    code, out, err = run_main(main, base + ["--samples", str(tmp_path / "dark.npz")], capsys)
+    code, out, err = run_main(main, base + ["--samples", str(tmp_path / "dark.npz"), "--json", str(tmp_path / "d.json")], capsys)
     assert code == 0, err
-    assert "FID" in out
+    dark = json.loads((tmp_path / "d.json").read_text())
+    assert "FID" in out and dark["fid"] > 1e-3 and dark["sfid"] > 1e-3  # darker images are measurably far
+    # against itself: zero up to sqrtm's error on a rank-9 covariance of 2048 features, far below the dark FID
+    assert abs(same["fid"]) < 1e-3 * dark["fid"] and abs(same["sfid"]) < 1e-3 * dark["sfid"], (same, dark)
+    # other Inception weights: the cached reference statistics are not reused (they belong to the first)
+    import torch
+
+    state = torch.load(inception_weights, weights_only=True)
+    state["fc.bias"] = state["fc.bias"] + 1.0
+    state["Conv2d_1a_3x3.conv.weight"] = state["Conv2d_1a_3x3.conv.weight"] * 1.5
+    torch.save(state, tmp_path / "other.pth")
+    other = ["--ref", str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "other.pth"), "--batch-size", "10"]
+    code, _, err = run_main(main, other + ["--samples", str(tmp_path / "dark.npz"), "--json", str(tmp_path / "o.json")], capsys)
+    assert code == 0, err
+    os.remove(tmp_path / "ref.npz.tinyfusion-stats.npz")
+    code, _, err = run_main(main, other + ["--samples", str(tmp_path / "dark.npz"), "--json", str(tmp_path / "f.json")], capsys)
+    assert code == 0, err
+    cached, fresh = json.loads((tmp_path / "o.json").read_text()), json.loads((tmp_path / "f.json").read_text())
+    assert cached["fid"] == pytest.approx(fresh["fid"], rel=1e-9) and cached["fid"] != pytest.approx(dark["fid"], rel=1e-3)
     code, _, err = run_main(main, base + ["--samples", str(tmp_path / "small.npz")], capsys)
     assert_one_line_error(code, err, "16x16")
 

@@ -79,6 +79,17 @@ def precision_recall(ref, sample, k=3, batch=10000):
     return precision, recall
 
 
+def weights_fingerprint(model):
+    """SHA-1 of every tensor of a network's state dict, in key order (about 0.2 s for Inception-v3)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def cached_reference_stats(ref_path, model, batch_size, device):
     """(mu, sigma, mu_s, sigma_s, pool features) of the reference batch. Precomputed statistics in the
     batch (ADM's reference batches carry them, over the whole dataset) are used as the ADM evaluator
@@ -90,13 +101,15 @@ def cached_reference_stats(ref_path, model, batch_size, device):
 
     images = read_images(ref_path)
     cache = ref_path + ".tinyfusion-stats.npz"
+    key = weights_fingerprint(model)  # statistics of other Inception weights are not these
     if os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(ref_path):
         with np.load(cache) as c:
-            return c["mu"], c["sigma"], c["mu_s"], c["sigma_s"], c["pool"]
+            if "weights" in c and str(c["weights"]) == key:
+                return c["mu"], c["sigma"], c["mu_s"], c["sigma_s"], c["pool"]
     pool, spatial, _ = features(model, images, batch_size, device)
     stats = reference_stats(ref_path) or (*gaussian_stats(pool), *gaussian_stats(spatial))
     tmp = f"{cache}.tmp{os.getpid()}.npz"
-    np.savez(tmp, mu=stats[0], sigma=stats[1], mu_s=stats[2], sigma_s=stats[3], pool=pool)
+    np.savez(tmp, mu=stats[0], sigma=stats[1], mu_s=stats[2], sigma_s=stats[3], pool=pool, weights=np.array(key))
     os.replace(tmp, cache)
     return (*stats, pool)
 
