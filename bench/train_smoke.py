@@ -25,16 +25,9 @@ from tinyfusion.checkpoint import atomic_write  # noqa: E402
 from tinyfusion.errors import Parser, UserError, cli, writable_file  # noqa: E402
 
 
-def torchrun(port, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={port}", *args]
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun(*args):
+    """One rank under torchrun: NCCL on a GPU, gloo on the CPU; the launcher binds its own free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", *args]
 
 
 def run(cmd, timeout, env=None):
@@ -96,12 +89,12 @@ def main(argv=None):
             base = os.path.join(tmp, family)
             common = ["--model", family, "--global-batch-size", "16", "--log-every", "4", "--num-workers", "0"]
             prune = os.path.join(base, "prune")
-            ok = record(family, "prune learnable", run(torchrun(free_port(), "-m", "tinyfusion.prune", *common, "--steps",
+            ok = record(family, "prune learnable", run(torchrun("-m", "tinyfusion.prune", *common, "--steps",
                                                                  str(search_steps), "--calib-samples", "32", "--out", prune),
                                                        args.timeout))
             if not args.quick:
                 for method in ("bi", "fluxlite"):
-                    record(family, f"prune {method}", run(torchrun(free_port(), "-m", "tinyfusion.prune", "--model", family,
+                    record(family, f"prune {method}", run(torchrun("-m", "tinyfusion.prune", "--model", family,
                                                                    "--method", method, "--calib-samples", "32", "--out",
                                                                    os.path.join(base, method)), args.timeout))
             if not ok:
@@ -109,15 +102,15 @@ def main(argv=None):
             ft = [*common[2:], "--ckpt", os.path.join(prune, "pruned.safetensors"), "--steps", str(ft_steps),
                   "--ckpt-every", "4", "--eval-samples", "0"]
             ref, cut = os.path.join(base, "ref"), os.path.join(base, "cut")
-            ok = record(family, "finetune", run(torchrun(free_port(), "-m", "tinyfusion.finetune", *ft, "--out", ref),
+            ok = record(family, "finetune", run(torchrun("-m", "tinyfusion.finetune", *ft, "--out", ref),
                                                 args.timeout))
-            res = killed_then_resumed(torchrun(free_port(), "-m", "tinyfusion.finetune", *ft, "--out", cut), 8,
+            res = killed_then_resumed(torchrun("-m", "tinyfusion.finetune", *ft, "--out", cut), 8,
                                       args.timeout)
             if ok and res["exit"] == 0:
                 res["resumed_equals_uninterrupted"] = same_weights(os.path.join(ref, "recovered.safetensors"),
                                                                    os.path.join(cut, "recovered.safetensors"))
             record(family, "finetune SIGKILL + --resume", res)
-            record(family, "sample --npz", run(torchrun(free_port(), "-m", "tinyfusion.sample", "--ckpt",
+            record(family, "sample --npz", run(torchrun("-m", "tinyfusion.sample", "--ckpt",
                                                         os.path.join(cut, "recovered.safetensors"), "--npz",
                                                         os.path.join(base, "samples.npz"), "--num-samples", "8",
                                                         "--steps", "4" if family != "mar" else "2", "--batch-size", "8"),

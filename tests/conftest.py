@@ -67,13 +67,10 @@ def write_latent_folder(root, count, shape, num_classes, name="imagenet64"):
     return root
 
 
-def free_port():
-    """A TCP port nothing listens on now, for torchrun's rendezvous (fixed ports collide across runs)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def torchrun(nproc):
+    """`python -m torch.distributed.run` with a standalone rendezvous on a port the launcher binds itself
+    (probing for a free port and passing it races another run taking it in between)."""
+    return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
 
 def run_module(args, timeout=600, env=None):

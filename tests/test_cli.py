@@ -8,7 +8,7 @@ from tinyfusion.evaluate import main as evaluate_main
 from tinyfusion.sample import main as sample_main
 from tinyfusion.train import main as train_main
 
-from conftest import assert_one_line_error, free_port, run_main, run_module, tiny_dit, write_latent_folder
+from conftest import assert_one_line_error, run_main, run_module, tiny_dit, torchrun, write_latent_folder
 
 TINY = ["--preset", "digits", "--depth", "2", "--global-batch-size", "16", "--log-every", "5"]
 
@@ -35,7 +35,7 @@ def test_train_ddp_two_gloo_ranks(tmp_path):
     common = [*TINY, "--steps", "6", "--results-dir", str(tmp_path)]
     one = run_module(["-m", "tinyfusion.train", *common, "--name", "one"])
     assert one.returncode == 0, one.stderr[-2000:]
-    res = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "tinyfusion.train",
+    res = run_module([*torchrun(2), "-m", "tinyfusion.train",
                       *common, "--name", "ddp"])
     assert res.returncode == 0, res.stderr[-2000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())

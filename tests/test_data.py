@@ -8,7 +8,7 @@ from tinyfusion.data import LatentFolder, load_digits_tensors
 from tinyfusion.errors import UserError
 from tinyfusion.extract_features import main as extract_main
 
-from conftest import assert_one_line_error, free_port, run_main, run_module
+from conftest import assert_one_line_error, run_main, run_module, torchrun
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -99,7 +99,7 @@ def test_extract_features_two_ranks_match_one(tmp_path, tiny_vae):
     common = ["--data-path", str(tmp_path / "imgs"), "--vae", tiny_vae, "--image-size", "16"]
     one = run_module(["-m", "tinyfusion.extract_features", *common, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
-    two = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+    two = run_module([*torchrun(2), "-m",
                       "tinyfusion.extract_features", *common, "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr
     names = sorted(os.listdir(tmp_path / "one" / "imagenet16_features"))

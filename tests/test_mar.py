@@ -162,10 +162,11 @@ def test_torchrun_two_gloo_ranks_train_prune_and_finetune_a_mar(tmp_path):
     import json
 
     import tinyfusion
-    from conftest import free_port, run_module
+    from conftest import run_module
+    from conftest import torchrun as launcher
 
     def torchrun(*args):
-        return run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *args])
+        return run_module([*launcher(2), *args])
 
     res = torchrun("-m", "tinyfusion.train", "--preset", "digits-mar", "--steps", "3", "--global-batch-size", "8",
                    "--results-dir", str(tmp_path), "--name", "t")

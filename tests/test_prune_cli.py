@@ -9,7 +9,7 @@ import torch
 import tinyfusion
 from tinyfusion.prune import main as prune_main
 
-from conftest import assert_one_line_error, free_port, run_main, run_module, tiny_dit, write_latent_folder
+from conftest import assert_one_line_error, run_main, run_module, tiny_dit, torchrun, write_latent_folder
 
 FAST = ["--global-batch-size", "16", "--calib-samples", "32", "--log-every", "5"]
 
@@ -66,7 +66,7 @@ def test_two_gloo_ranks_same_decision_as_one(tmp_path, tiny_teacher):
     args = ["--ckpt", tiny_teacher, *FAST, "--steps", "12", "--seed", "5"]
     one = run_module(["-m", "tinyfusion.prune", *args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "tinyfusion.prune",
+    two = run_module([*torchrun(2), "-m", "tinyfusion.prune",
                       *args, "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = decision(tmp_path / "one"), decision(tmp_path / "two")

@@ -11,7 +11,7 @@ from tinyfusion.finetune import main as finetune_main
 from tinyfusion.prune import main as prune_main
 from tinyfusion.recovery.kd import KDWeights, alignment, masked_hidden_kd, outlier_mask, variance_kd
 
-from conftest import assert_one_line_error, free_port, run_main, run_module, tiny_dit
+from conftest import assert_one_line_error, run_main, run_module, tiny_dit, torchrun
 
 
 def test_alignment_from_any_groups():
@@ -122,7 +122,7 @@ def test_finetune_two_gloo_ranks_match_one(tmp_path, pruned):
     args = ["--ckpt", ckpt, *FAST, "--steps", "4"]
     one = run_module(["-m", "tinyfusion.finetune", *args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    two = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m", "tinyfusion.finetune",
+    two = run_module([*torchrun(2), "-m", "tinyfusion.finetune",
                       *args, "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-2000:]
     a = json.loads((tmp_path / "one" / "metrics.json").read_text())["loss_curve"]

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, free_port, run_main, run_module, tiny_dit
+from conftest import assert_one_line_error, run_main, run_module, tiny_dit, torchrun
 from tinyfusion import save
 from tinyfusion.bulk_sampling import spread_labels
 
@@ -24,7 +24,7 @@ def args(ckpt, out):
 def test_two_ranks_write_the_npz_of_one_and_numpy_reads_it_as_adm_does(ckpt, tmp_path):
     one = run_module(["-m", "tinyfusion.sample", *args(ckpt, str(tmp_path / "one.npz"))])
     assert one.returncode == 0, one.stderr
-    two = run_module(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+    two = run_module([*torchrun(2), "-m",
                       "tinyfusion.sample", *args(ckpt, str(tmp_path / "two.npz"))])
     assert two.returncode == 0, two.stderr
     a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
