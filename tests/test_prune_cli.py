@@ -125,18 +125,25 @@ def test_teacher_that_is_not_a_dit(tmp_path, capsys):
     assert_one_line_error(code, err, "not a DiT checkpoint")
 
 
-def test_a_bad_label_found_by_a_loader_worker_is_one_line(tmp_path, capsys):
-    """With loader worker processes, a label outside the classes still ends as one error line and exit 2,
-    not the DataLoader's wrapped "Caught UserError in DataLoader worker" traceback."""
-    root = write_latent_folder(tmp_path / "lat", 40, (4, 8, 8), 5)
+def test_bad_latents_are_one_line_with_loader_workers_and_leave_nothing(tmp_path, capsys):
+    """With loader worker processes (the GPU default): a label outside the classes is found when the folder
+    is opened, and a latent of another shape inside a worker; both end as one error line and exit 2 (not
+    the DataLoader's wrapped "Caught UserError in DataLoader worker" traceback), and the refused run
+    leaves no run folder behind."""
     import numpy as np
 
-    np.save(root / "imagenet64_labels" / "7.npy", np.array([99]))
+    root = write_latent_folder(tmp_path / "lat", 40, (4, 8, 8), 5)
     ckpt = tmp_path / "latent.safetensors"
     tinyfusion.save(tiny_dit(depth=4), str(ckpt))
-    code, _, err = run_main(prune_main, ["--ckpt", str(ckpt), "--data-path", str(root), "--calib-samples", "40",
-                                         "--num-workers", "2", "--out", str(tmp_path / "o")], capsys)
+    argv = ["--ckpt", str(ckpt), "--data-path", str(root), "--calib-samples", "40", "--num-workers", "2"]
+    np.save(root / "imagenet64_labels" / "7.npy", np.array([99]))
+    code, _, err = run_main(prune_main, [*argv, "--out", str(tmp_path / "o")], capsys)
     assert_one_line_error(code, err, "label 99 is outside 0..4")
+    assert not (tmp_path / "o").exists()
+    np.save(root / "imagenet64_labels" / "7.npy", np.array([2]))
+    np.save(root / "imagenet64_features" / "7.npy", np.zeros((4, 4, 4), dtype=np.float32))
+    code, _, err = run_main(prune_main, [*argv, "--out", str(tmp_path / "o2")], capsys)
+    assert_one_line_error(code, err, "7.npy: shape (4, 4, 4), the folder's first latent has (4, 8, 8)")
 
 
 def test_empty_latent_folder(tmp_path, capsys, tiny_teacher):

@@ -54,12 +54,15 @@ def positive(kind=int):
 
 
 def writable_file(path):
-    """Fail early (before any work) when the output file's folder cannot be created or written."""
+    """Fail early (before any work) when the output file's folder cannot be created or written, without
+    creating anything: a run refused for bad input leaves no empty folder behind."""
     folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output folder {folder}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder {folder} is not writable")
+    probe = folder
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"cannot create output folder {folder}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {folder} is not writable" if probe == folder else
+                        f"cannot create output folder {folder}: {probe} is not writable")
     return path

@@ -154,12 +154,14 @@ def main(argv=None):
     diffusion = create_objective(student.config)
     log = RunLog(args.out, enabled=rank == 0)
     rec = Recovery(student, teacher, pairs, diffusion, data, cfg, rank, world, device, engine_config(args), log)
-    log.write("command: " + " ".join(["python -m tinyfusion.finetune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
     state_path = os.path.join(args.out, "finetune_state.pt")
     if args.resume:
         if not os.path.isfile(state_path):
             raise UserError(f"--resume: no state at {state_path}")
         rec.resume(state_path)
+    # log.txt opens only once the inputs are checked: a refused run writes nothing
+    log.write("command: " + " ".join(["python -m tinyfusion.finetune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
+    if args.resume:
         log.write(f"resuming at step {rec.step} of {args.steps}")
     provenance = {k: v for k, v in info.items() if k != "config"}
     provenance.update(recovered_from=os.path.abspath(args.ckpt), kd=args.kd, teacher=getattr(teacher, "provenance", {}).get("source"))

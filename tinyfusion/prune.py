@@ -133,6 +133,8 @@ def run_learnable(args, model, groups, diffusion, rank, world, device, log):
         if not os.path.isfile(state_path):
             raise UserError(f"--resume: no search state at {state_path}")
         search.resume(state_path)
+    log.write(log.command, echo=False)
+    if args.resume:
         log.write(f"resuming the search at step {search.step} of {steps}")
     choices = search.run(state_path)
     kept = kept_from_choices(groups, choices)
@@ -200,7 +202,8 @@ def main(argv=None):
     stack.check_groups(groups)
     diffusion = create_objective(source.config)
     log = RunLog(args.out, enabled=rank == 0)
-    log.write("command: " + " ".join(["python -m tinyfusion.prune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
+    # the command line opens log.txt only once the inputs are checked: a refused run writes nothing
+    log.command = "command: " + " ".join(["python -m tinyfusion.prune", *(argv if argv is not None else sys.argv[1:])])
     calib_data = make_batches(source.config, args.data_path, args.calib_samples, args.seed + 7919, num_workers=args.num_workers)
     calib = CalibrationSet.from_batches(calib_data, args.calib_samples, seed=args.seed)
     if args.method == "learnable":
@@ -216,6 +219,7 @@ def main(argv=None):
         source = source.to(device)
         final = source if final is None else final
     else:
+        log.write(log.command, echo=False)
         source = source.to(device)
         kept, extra = run_baseline(args, source, groups, diffusion, calib, log)
         final = source

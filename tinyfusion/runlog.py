@@ -9,13 +9,12 @@ from .checkpoint import atomic_write
 
 class RunLog:
     def __init__(self, run_dir, enabled=True):
-        self.run_dir, self.enabled = run_dir, enabled
-        if enabled:
-            os.makedirs(run_dir, exist_ok=True)
+        self.run_dir, self.enabled = run_dir, enabled  # the folder appears with the first line written
 
     def write(self, line, echo=True):
         if not self.enabled:
             return
+        os.makedirs(self.run_dir, exist_ok=True)
         with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
             f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n")
         if echo:

@@ -43,6 +43,21 @@ def shard_files(folder):
     return out
 
 
+def read_labels(folder, names, threads=16):
+    """Every one-integer label file of the official layout, read by a pool of threads (file opens, not
+    compute, are the cost: shards keep all labels in one file)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(name):
+        try:
+            return int(np.asarray(np.load(os.path.join(folder, name))).reshape(-1)[0])
+        except (OSError, ValueError, IndexError) as e:
+            raise UserError(f"{os.path.join(folder, name)}: not a label file ({e})") from None
+
+    with ThreadPoolExecutor(threads) as pool:
+        return np.fromiter(pool.map(one, names, chunksize=256), dtype=np.int64, count=len(names))
+
+
 class LatentFolder(torch.utils.data.Dataset):
     def __init__(self, root, num_classes=None):
         self.layout = find_layout(root)
@@ -57,7 +72,9 @@ class LatentFolder(torch.utils.data.Dataset):
             missing = [n for n in self.names if n not in have]
             if missing:
                 raise UserError(f"{self.labels_dir}: no label file for {len(missing)} features (e.g. {missing[0]})")
-            self.labels, self.size = None, len(self.names)
+            self.size = len(self.names)
+            self.labels = read_labels(self.labels_dir, self.names)  # checked now, before loader workers start
+            self.check_labels(self.labels, f"{self.labels_dir}: a label")
         else:
             self.shards = shard_files(self.layout[1])
             labels = []
@@ -96,14 +113,13 @@ class LatentFolder(torch.utils.data.Dataset):
         return x[None] if x.ndim == 3 else x
 
     def label(self, i):
-        if self.labels is not None:
-            return int(self.labels[i])
-        y = int(np.asarray(np.load(os.path.join(self.labels_dir, self.names[i]))).reshape(-1)[0])
-        self.check_labels(np.array([y]), f"{self.names[i]}: label")
-        return y
+        return int(self.labels[i])
 
     def __getitem__(self, item):
         """item: an index, or (index, draw) from the sampler; the draw picks one of the stacked latents."""
         i, draw = item if isinstance(item, tuple) else (item, 0)
         x = self.features(i)
+        if tuple(x.shape[1:]) != self.latent_shape:
+            where = os.path.join(self.features_dir, self.names[i]) if self.layout[0] == "files" else f"latent {i}"
+            raise UserError(f"{where}: shape {tuple(x.shape[1:])}, the folder's first latent has {self.latent_shape}")
         return torch.from_numpy(np.array(x[draw % len(x)], dtype=np.float32)), self.label(i)  # a copy, off the memory map

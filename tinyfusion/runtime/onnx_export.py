@@ -190,6 +190,7 @@ def export_and_verify(model, out_dir, opset=18, precision="fp32", cfg=False, gui
     entry exceeds its threshold, renames the graph to model.onnx.rejected and raises a UserError naming it."""
     thresholds = thresholds or DEFAULT_THRESHOLDS[precision]
     path = os.path.join(out_dir, "model.onnx")
+    os.makedirs(out_dir, exist_ok=True)
     log(f"exporting {model.config.depth}-layer DiT to {path} (opset {opset}, {precision}, cfg {cfg})")
     export_onnx(model, path, opset, precision, cfg, guidance_channels, batch)
     report = {"onnx": os.path.basename(path), "sha256": graph_sha256(path), "opset": opset, "precision": precision,
