@@ -86,7 +86,16 @@ def test_extract_features_layout_flip_and_resume(tmp_path, tiny_vae, capsys):
     ds = LatentFolder(str(tmp_path / "lat"), num_classes=2)
     assert len(ds) == 6 and ds.latent_shape == (4, 2, 2)
     feats = np.load(tmp_path / "lat" / "imagenet16_features" / "00000003.npy")
-    assert feats.shape == (2, 4, 2, 2) and not np.allclose(feats[0], feats[1])  # image and its flip
+    assert feats.shape == (2, 4, 2, 2) and not np.allclose(feats[0], feats[1])
+    # the second latent is the flipped image's encoding (its own seeded posterior sample, 2i + 1)
+    from tinyfusion.data.vae import encode, load_vae
+    from tinyfusion.extract_features import list_images, load_image
+
+    image = load_image(list_images(str(tmp_path / "imgs"))[0][3][0], 16)[None]
+    with torch.no_grad():
+        vae = load_vae(tiny_vae, "cpu")
+        np.testing.assert_allclose(feats[0], encode(vae, image, seeds=[6])[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(feats[1], encode(vae, image.flip(-1), seeds=[7])[0].numpy(), atol=1e-5)
     assert [ds.label(i) for i in range(6)] == [0, 0, 0, 1, 1, 1]
     os.remove(tmp_path / "lat" / "imagenet16_features" / "00000004.npy")
     code, out, err = run_main(extract_main, args, capsys)
@@ -94,7 +103,8 @@ def test_extract_features_layout_flip_and_resume(tmp_path, tiny_vae, capsys):
 
 
 def test_extract_features_two_ranks_match_one(tmp_path, tiny_vae):
-    """torchrun with 2 gloo ranks writes the same files (names by global index) as one process."""
+    """torchrun with 2 gloo ranks writes the same files as one process: names, labels and latent values
+    (each posterior sample seeded by the image's index; an unseeded sample would differ run to run)."""
     make_images(tmp_path / "imgs", per_class=2)
     common = ["--data-path", str(tmp_path / "imgs"), "--vae", tiny_vae, "--image-size", "16"]
     one = run_module(["-m", "tinyfusion.extract_features", *common, "--out", str(tmp_path / "one")])
@@ -108,7 +118,8 @@ def test_extract_features_two_ranks_match_one(tmp_path, tiny_vae):
         a = np.load(tmp_path / "one" / "imagenet16_labels" / n)
         b = np.load(tmp_path / "two" / "imagenet16_labels" / n)
         assert np.array_equal(a, b)
-        assert np.load(tmp_path / "two" / "imagenet16_features" / n).shape == (2, 4, 2, 2)
+        np.testing.assert_allclose(np.load(tmp_path / "two" / "imagenet16_features" / n),
+                                   np.load(tmp_path / "one" / "imagenet16_features" / n), atol=1e-5)  # values, seeded by index
 
 
 @pytest.mark.parametrize("case,fragment", [
@@ -142,7 +153,6 @@ def test_shards_read_like_the_official_files(tmp_path, tiny_vae, capsys):
     make_images(tmp_path / "imgs")
     common = ["--data-path", str(tmp_path / "imgs"), "--vae", tiny_vae, "--image-size", "16"]
     for layout in ("files", "shards"):
-        torch.manual_seed(0)  # the VAE samples its posterior: the same draws for both layouts
         code, _, err = run_main(extract_main, [*common, "--out", str(tmp_path / layout), "--layout", layout], capsys)
         assert code == 0, err
     files, shards = LatentFolder(str(tmp_path / "files"), 2), LatentFolder(str(tmp_path / "shards"), 2)

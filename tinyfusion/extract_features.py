@@ -6,7 +6,8 @@
 IMAGES/ holds one subfolder per class (sorted names give label ids). Each image is center-cropped as
 ADM does, encoded together with its horizontal flip, and stored as LATENTS/<name>_features/<index>.npy
 (2, C, H/8, W/8) with the label in LATENTS/<name>_labels/<index>.npy. File names are the global image
-index, so ranks never collide, and finished files are skipped on a rerun (resumable).
+index, so ranks never collide, and finished files are skipped on a rerun (resumable). Each posterior
+sample is seeded by the image's index, so any rank count and any rerun write the same latents.
 
 `--layout shards` writes instead one memory-mapped array per rank, LATENTS/<name>_shards/features-rRRR.npy
 (N, 2, C, H/8, W/8), with labels-rRRR.npy and filled-rRRR.npy (which rows are written; a rerun fills
@@ -141,7 +142,9 @@ def main(argv=None):
     for start in range(0, len(mine), args.batch_size):
         idx = mine[start: start + args.batch_size]
         x = torch.stack([load_image(items[i][0], args.image_size) for i in idx]).to(device)
-        z = encode(vae, torch.cat([x, x.flip(-1)])).cpu().numpy()
+        # posterior samples seeded by global image index (2i: the image, 2i+1: its flip): reruns and rank
+        # counts give the same latents
+        z = encode(vae, torch.cat([x, x.flip(-1)]), seeds=[2 * i for i in idx] + [2 * i + 1 for i in idx]).cpu().numpy()
         n = len(idx)
         pairs = np.stack([z[:n], z[n:]], axis=1)  # (n, 2, C, h, w): the image and its flip
         if args.layout == "shards":

@@ -23,9 +23,15 @@ def load_vae(path, device="cpu"):
 
 
 @torch.no_grad()
-def encode(vae, images):
-    """images in [-1, 1] (N, 3, H, W) -> scaled latent samples (N, C, H/8, W/8)."""
-    return vae.encode(images).latent_dist.sample() * SCALE
+def encode(vae, images, seeds=None):
+    """images in [-1, 1] (N, 3, H, W) -> scaled latent samples (N, C, H/8, W/8). With `seeds` (one per image)
+    each posterior sample comes from its own seeded generator, so an image encodes the same way whatever
+    batch or rank it lands in (without, the global RNG draws, as the official script does)."""
+    dist = vae.encode(images).latent_dist
+    if seeds is None:
+        return dist.sample() * SCALE
+    eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return (dist.mean + dist.std * eps.to(dist.mean.device, dist.mean.dtype)) * SCALE
 
 
 @torch.no_grad()
