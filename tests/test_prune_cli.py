@@ -77,21 +77,21 @@ def test_two_gloo_ranks_same_decision_as_one(tmp_path, tiny_teacher):
 
 
 def test_kill_and_resume_gives_the_same_decision(tmp_path, tiny_teacher):
-    """A search SIGKILLed right after step 20's state (of 40) and resumed reaches the uninterrupted decision
+    """A search SIGKILLed right after step 10's state (of 20) and resumed reaches the uninterrupted decision
     and history (catches a resume that restarts, or forgets the gates' EMA or the generator)."""
     from tinyfusion.training.engine import KILL_AFTER_STATE
 
-    args = ["--ckpt", tiny_teacher, *FAST, "--steps", "40", "--ckpt-every", "10", "--seed", "2"]
+    args = ["--ckpt", tiny_teacher, *FAST, "--steps", "20", "--ckpt-every", "5", "--seed", "2"]
     ref = run_module(["-m", "tinyfusion.prune", *args, "--out", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
-    killed = run_module(["-m", "tinyfusion.prune", *args, "--out", str(out)], env={KILL_AFTER_STATE: "20"})
+    killed = run_module(["-m", "tinyfusion.prune", *args, "--out", str(out)], env={KILL_AFTER_STATE: "10"})
     assert killed.returncode == -signal.SIGKILL
     state = out / "search_state.pt"
     assert state.exists() and not (out / "decision.json").exists()
     resumed = run_module(["-m", "tinyfusion.prune", *args, "--out", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming the search at step 20 of 40" in resumed.stdout  # mid-run, not after the last state
+    assert "resuming the search at step 10 of 20" in resumed.stdout  # mid-run, not after the last state
     a, b = decision(tmp_path / "ref"), decision(out)
     assert a["kept"] == b["kept"] and a["history"] == b["history"]
 

@@ -96,22 +96,22 @@ def test_finetune_modes(tmp_path, capsys, pruned, kd):
 
 
 def test_finetune_kill_and_resume_matches_uninterrupted(tmp_path, pruned):
-    """A run SIGKILLed right after step 20's state (of 40) and resumed ends with the uninterrupted weights,
+    """A run SIGKILLed right after step 10's state (of 20) and resumed ends with the uninterrupted weights,
     tensor by tensor (catches any state the resume forgets: optimizer, EMA, RNG, data position)."""
     import signal
 
     from tinyfusion.training.engine import KILL_AFTER_STATE
 
     ckpt, _ = pruned
-    args = ["--ckpt", ckpt, *FAST, "--steps", "40", "--ckpt-every", "10"]
+    args = ["--ckpt", ckpt, *FAST, "--steps", "20", "--ckpt-every", "5"]
     ref = run_module(["-m", "tinyfusion.finetune", *args, "--out", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "cut"
-    killed = run_module(["-m", "tinyfusion.finetune", *args, "--out", str(out)], env={KILL_AFTER_STATE: "20"})
+    killed = run_module(["-m", "tinyfusion.finetune", *args, "--out", str(out)], env={KILL_AFTER_STATE: "10"})
     assert killed.returncode == -signal.SIGKILL
     assert (out / "finetune_state.pt").exists() and not (out / "recovered.safetensors").exists()
     resumed = run_module(["-m", "tinyfusion.finetune", *args, "--out", str(out), "--resume"])
-    assert resumed.returncode == 0 and "resuming at step 20 of 40" in resumed.stdout, resumed.stderr[-2000:]
+    assert resumed.returncode == 0 and "resuming at step 10 of 20" in resumed.stdout, resumed.stderr[-2000:]
     a = tinyfusion.load(str(tmp_path / "ref" / "recovered.safetensors")).state_dict()
     b = tinyfusion.load(str(out / "recovered.safetensors")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

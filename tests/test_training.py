@@ -2,7 +2,6 @@
 resume, each against an independent run of the same thing (weights compared tensor by tensor)."""
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from tinyfusion.recovery.kd import alignment
 from tinyfusion.training import RunOptions
 from tinyfusion.training.state import load
 
-from conftest import ROOT, run_module, tiny_dit
+from conftest import ROOT, tiny_dit
 
 BATCH = 8
 
@@ -209,11 +208,18 @@ def test_train_resume_gives_the_uninterrupted_weights(tmp_path, capsys):
     assert m["run"]["precision"] == "fp32" and m["run"]["images_per_s"] > 0
 
 
-def test_train_speed_dry_run(tmp_path):
+def test_train_speed_dry_run(tmp_path, capsys):
     """bench/train_speed.py at tiny shapes on the CPU: every variant of both steps measured, none failed."""
+    import importlib.util
+
+    from conftest import run_main
+
     out = tmp_path / "speed.json"
-    res = run_module([sys.executable, os.path.join(ROOT, "bench", "train_speed.py"), "--dry-run", "--json", str(out)])
-    assert res.returncode == 0, res.stderr[-2000:]
+    spec = importlib.util.spec_from_file_location("bench_train_speed", os.path.join(ROOT, "bench", "train_speed.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code, _, err = run_main(bench.main, ["--dry-run", "--json", str(out)], capsys)
+    assert code == 0, err
     rows = json.loads(out.read_text())["rows"]
     assert {(r["step"], r["variant"], r["mode"]) for r in rows} >= {("search", "bf16", "compile"), ("masked_kd", "fp32", "eager")}
     assert all(r["images_per_s"] > 0 for r in rows)
@@ -224,8 +230,8 @@ def test_train_cli_in_bf16_with_accumulation_and_checkpointing(tmp_path, capsys)
     from conftest import run_main
     from tinyfusion.train import main as train_main
 
-    code, _, err = run_main(train_main, ["--preset", "digits", "--depth", "2", "--global-batch-size", "16", "--steps", "6",
-                                         "--log-every", "3", "--precision", "bf16", "--grad-accum", "2", "--grad-checkpoint",
+    code, _, err = run_main(train_main, ["--preset", "digits", "--depth", "2", "--global-batch-size", "8", "--steps", "4",
+                                         "--log-every", "2", "--precision", "bf16", "--grad-accum", "2", "--grad-checkpoint",
                                          "--results-dir", str(tmp_path), "--name", "b"], capsys)
     assert code == 0, err
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
