@@ -92,6 +92,16 @@ def test_samplers_are_deterministic_under_a_seed(sampler):
     assert torch.isfinite(a).all()
 
 
+def perfect_denoiser(d, x0):
+    """A model that knows x0: eps from x_t and x0 at the respaced timestep."""
+    def oracle(x, t_model):
+        t = torch.from_numpy(np.searchsorted(d.timestep_map, t_model.numpy()))
+        ab = _gather(d.alphas_cumprod, t, x.ndim)
+        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+    return oracle
+
+
 def test_ddim_inverts_a_perfect_denoiser():
     """A model that knows x0 (eps from x_t and x0) takes DDIM straight to x0 from any noise."""
     d = create_diffusion("20", learn_sigma=False)
@@ -99,11 +109,7 @@ def test_ddim_inverts_a_perfect_denoiser():
 
     x0 = torch.rand(2, 1, 4, 4) * 2 - 1
 
-    def oracle(x, t_model):
-        t = torch.from_numpy(np.searchsorted(d.timestep_map, t_model.numpy()))
-        ab = _gather(d.alphas_cumprod, t, x.ndim)
-        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-
+    oracle = perfect_denoiser(d, x0)
     out = ddim_loop(d, oracle, torch.randn(2, 1, 4, 4))
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
 
@@ -117,11 +123,7 @@ def test_ddpm_ends_at_x0_with_a_perfect_denoiser():
 
     x0 = torch.rand(2, 1, 4, 4) * 2 - 1
 
-    def oracle(x, t_model):
-        t = torch.from_numpy(np.searchsorted(d.timestep_map, t_model.numpy()))
-        ab = _gather(d.alphas_cumprod, t, x.ndim)
-        return (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-
+    oracle = perfect_denoiser(d, x0)
     out = ddpm_loop(d, oracle, torch.randn(2, 1, 4, 4), torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
 
