@@ -115,7 +115,7 @@ def params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def run_learnable(args, model, groups, diffusion, rank, world, device, log):
+def run_learnable(args, model, groups, diffusion, rank, world, device, log, command):
     data = make_batches(model.config, args.data_path, args.global_batch_size, args.seed, rank, world, args.num_workers)
     steps = args.steps
     if args.epochs:
@@ -133,7 +133,7 @@ def run_learnable(args, model, groups, diffusion, rank, world, device, log):
         if not os.path.isfile(state_path):
             raise UserError(f"--resume: no search state at {state_path}")
         search.resume(state_path)
-    log.write(log.command, echo=False)
+    log.write(command, echo=False)
     if args.resume:
         log.write(f"resuming the search at step {search.step} of {steps}")
     choices = search.run(state_path)
@@ -203,13 +203,13 @@ def main(argv=None):
     diffusion = create_objective(source.config)
     log = RunLog(args.out, enabled=rank == 0)
     # the command line opens log.txt only once the inputs are checked: a refused run writes nothing
-    log.command = "command: " + " ".join(["python -m tinyfusion.prune", *(argv if argv is not None else sys.argv[1:])])
+    command = "command: " + " ".join(["python -m tinyfusion.prune", *(argv if argv is not None else sys.argv[1:])])
     calib_data = make_batches(source.config, args.data_path, args.calib_samples, args.seed + 7919, num_workers=args.num_workers)
     calib = CalibrationSet.from_batches(calib_data, args.calib_samples, seed=args.seed)
     if args.method == "learnable":
         # The search trains a copy on the device while the source waits on the host: no second full
         # model on the GPU. The paper's default saves the source's original weights of the kept layers.
-        kept, extra, search = run_learnable(args, copy.deepcopy(source), groups, diffusion, rank, world, device, log)
+        kept, extra, search = run_learnable(args, copy.deepcopy(source), groups, diffusion, rank, world, device, log, command)
         final = None
         if args.keep_update:
             from .pruning.lora import merge_lora
@@ -219,7 +219,7 @@ def main(argv=None):
         source = source.to(device)
         final = source if final is None else final
     else:
-        log.write(log.command, echo=False)
+        log.write(command, echo=False)
         source = source.to(device)
         kept, extra = run_baseline(args, source, groups, diffusion, calib, log)
         final = source

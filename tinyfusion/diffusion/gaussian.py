@@ -45,16 +45,9 @@ def space_timesteps(num_timesteps, spacing):
     return {round(i * frac) for i in range(n)}
 
 
-def _gather(arr, t, ndim, cache=None):
-    table = None
-    if cache is not None:
-        key = (id(arr), t.device)
-        table = cache.get(key)
-        if table is None:
-            table = cache[key] = torch.from_numpy(arr).to(t.device)
-    else:
-        table = torch.from_numpy(arr).to(t.device)
-    return table[t].float().reshape(-1, *([1] * (ndim - 1)))
+def _gather(arr, t, ndim):
+    out = torch.from_numpy(arr).to(t.device)[t].float()
+    return out.reshape(-1, *([1] * (ndim - 1)))
 
 
 def randn_on(shape, generator, device, dtype=torch.float32):
@@ -123,15 +116,19 @@ class GaussianDiffusion:
         self.log_betas = np.log(betas)
         self._tables = {}
 
+    def _table(self, arr, device):
+        """arr (a schedule array of this object) on `device`, copied there once."""
+        key = (id(arr), device)
+        if key not in self._tables:
+            self._tables[key] = torch.from_numpy(arr).to(device)
+        return self._tables[key]
+
     def at(self, arr, t, ndim):
         """arr[t] as fp32, shaped to broadcast over an ndim tensor, from a device-resident table."""
-        return _gather(arr, t, ndim, self._tables)
+        return self._table(arr, t.device)[t].float().reshape(-1, *([1] * (ndim - 1)))
 
     def model_timesteps(self, t):
-        key = ("map", t.device)
-        if key not in self._tables:
-            self._tables[key] = torch.from_numpy(self.timestep_map).to(t.device)
-        return self._tables[key][t]
+        return self._table(self.timestep_map, t.device)[t]
 
     def q_sample(self, x_start, t, noise):
         return self.at(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start + self.at(

@@ -67,7 +67,8 @@ class Task:
         return [p for g in self.param_groups() for p in g["params"]]
 
     def lrs(self, step):
-        return [g["lr"] for g in self.param_groups()]
+        """Learning rates per parameter group at `step`; None keeps the groups' own (constant) rates."""
+        return None
 
     def ema_pairs(self):
         """(EMA tensors, the tensors they follow); empty for no EMA."""
@@ -144,6 +145,7 @@ class Engine:
             self.net = task.net
         groups = task.param_groups()
         self.params = [p for g in groups for p in g["params"]]
+        self.clip = task.clip_params() if task.grad_clip else []
         self.opt, self.fused = adamw(groups, task.weight_decay, self.device)
         self.scaler = amp.grad_scaler(self.device, self.precision)
         self.ema, ema_src = task.ema_pairs()
@@ -210,7 +212,8 @@ class Engine:
     def train_step(self):
         task, k = self.task, self.opts.grad_accum
         step = self.step
-        for g, lr in zip(self.opt.param_groups, task.lrs(step)):
+        lrs = task.lrs(step)
+        for g, lr in zip(self.opt.param_groups, lrs if lrs is not None else []):
             g["lr"] = lr
         inputs = task.inputs(self.gen, step)
         micro = list(zip(*[x.chunk(k) for x in inputs])) if k > 1 else [inputs]
@@ -229,9 +232,8 @@ class Engine:
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         bad = ~torch.isfinite(total[0])
-        clip = task.clip_params() if task.grad_clip else []
-        if clip:
-            bad = bad | ~torch.isfinite(torch.nn.utils.clip_grad_norm_(clip, task.grad_clip))
+        if self.clip:
+            bad = bad | ~torch.isfinite(torch.nn.utils.clip_grad_norm_(self.clip, task.grad_clip))
         bad = bad.float().reshape(1)
         if self.world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # a device tensor: NCCL and gloo both reduce it
