@@ -55,6 +55,32 @@ def test_latent_folder_bad_input(tmp_path, case, fragment):
         ds[0]
 
 
+def test_label_files_read_as_numpy_reads_them(tmp_path):
+    """Labels in every form np.save writes (int64/int32/uint8, shape (1,) or (), header v1 and v2) read back
+    as np.load reads them, 3000 of them through the thread pool (whose header parsing once raced in
+    CPython 3.11's `ast`); a file that is not one integer is a one-line error naming it."""
+    from tinyfusion.data.latents import read_labels
+
+    forms = [np.array([5]), np.array([7], np.int32), np.uint8(3), np.array([[2]], np.int16)]
+    names = []
+    for i in range(3000):
+        names.append(f"{i}.npy")
+        np.save(tmp_path / names[-1], np.asarray(forms[i % 4]) + i % 5)
+    np.lib.format.write_array(open(tmp_path / "v2.npy", "wb"), np.array([9]), version=(2, 0))
+    names.append("v2.npy")
+    want = [int(np.load(tmp_path / n).reshape(-1)[0]) for n in names]
+    assert read_labels(str(tmp_path), names).tolist() == want
+    for bad, content in [("text.npy", b"not numpy"), ("empty.npy", None), ("pickle.npy", None)]:
+        if content is not None:
+            (tmp_path / bad).write_bytes(content)
+        elif bad == "empty.npy":
+            np.save(tmp_path / bad, np.zeros(0, np.int64))
+        else:
+            np.save(tmp_path / bad, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        with pytest.raises(UserError, match=f"{bad}: not a label file"):
+            read_labels(str(tmp_path), ["0.npy", bad])
+
+
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory):
     """A real diffusers AutoencoderKL (random weights, tiny config) saved as a local folder."""

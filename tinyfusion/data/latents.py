@@ -10,6 +10,7 @@ the sampler hands each index a seeded draw that picks one of the K (the official
 np.random), so data order and flips replay exactly on K ranks and after a resume.
 """
 import glob
+import io
 import os
 
 import numpy as np
@@ -44,18 +45,42 @@ def shard_files(folder):
 
 
 def read_labels(folder, names, threads=16):
-    """Every one-integer label file of the official layout, read by a pool of threads (file opens, not
-    compute, are the cost: shards keep all labels in one file)."""
+    """Every one-integer label file of the official layout. A pool of threads only reads the bytes (file
+    opens, not compute, are the cost); the .npy headers are parsed here, once per distinct header: numpy
+    parses them with `ast`, which CPython 3.11 does not make safe across threads (it raised "AST
+    constructor recursion depth mismatch" under the pool)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(name):
+    def read(name):
+        path = os.path.join(folder, name)
         try:
-            return int(np.asarray(np.load(os.path.join(folder, name))).reshape(-1)[0])
-        except (OSError, ValueError, IndexError) as e:
-            raise UserError(f"{os.path.join(folder, name)}: not a label file ({e})") from None
+            with open(path, "rb") as f:
+                return f.read(4096)  # a label file is a header and one integer
+        except OSError as e:
+            raise UserError(f"{path}: not a label file ({e})") from None
+
+    layouts = {}  # header bytes -> (dtype, data offset)
+
+    def value(name, data):
+        try:
+            start = {1: 10, 2: 12, 3: 12}[data[6]] if data[:6] == b"\x93NUMPY" else None
+            if start is None:
+                raise ValueError("no .npy magic")
+            size = int.from_bytes(data[8:start], "little")
+            header = data[:start + size]
+            if header not in layouts:
+                first = np.load(io.BytesIO(data))
+                if not first.size:
+                    raise ValueError("an empty array")
+                layouts[header] = (first.dtype, len(header))
+            dtype, offset = layouts[header]
+            return int(np.frombuffer(data, dtype=dtype, count=1, offset=offset)[0])
+        except (ValueError, IndexError, KeyError, TypeError, SyntaxError) as e:
+            raise UserError(f"{os.path.join(folder, name)}: not a label file ({e or type(e).__name__})") from None
 
     with ThreadPoolExecutor(threads) as pool:
-        return np.fromiter(pool.map(one, names, chunksize=256), dtype=np.int64, count=len(names))
+        return np.fromiter((value(n, d) for n, d in zip(names, pool.map(read, names, chunksize=256))),
+                           dtype=np.int64, count=len(names))
 
 
 class LatentFolder(torch.utils.data.Dataset):
