@@ -183,7 +183,8 @@ def measure_all(args):
 
 def backend_result(backend, args, gflops, medians, runtimes):
     ms = [medians[backend, d] for d in args.depths]
-    a, b, r2 = fit_line(args.depths, ms) if len(ms) > 1 else (float("nan"),) * 3
+    # one depth has no line: the fit is null in the JSON (not a bare NaN, which JSON does not have)
+    a, b, r2 = fit_line(args.depths, ms) if len(ms) > 1 else (None,) * 3
     result = {"backend": backend, "depths": args.depths, "median_ms": ms, "fit": {"a": a, "b": b, "r2": r2}}
     top = args.depths[0]
     if top % 2 == 0 and top // 2 in args.depths:
@@ -261,9 +262,12 @@ def plot(summary, path):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in summary["results"]:
-        line = ax.plot(r["depths"], r["median_ms"], "o", label=f"{r['backend']} (R² {r['fit']['r2']:.3f})")[0]
-        xs = [0, max(r["depths"])]
-        ax.plot(xs, [r["fit"]["a"] + r["fit"]["b"] * x for x in xs], "-", color=line.get_color(), alpha=0.5)
+        fit = r["fit"] if r["fit"]["r2"] is not None else None
+        label = f"{r['backend']} (R² {fit['r2']:.3f})" if fit else r["backend"]
+        line = ax.plot(r["depths"], r["median_ms"], "o", label=label)[0]
+        if fit:
+            xs = [0, max(r["depths"])]
+            ax.plot(xs, [fit["a"] + fit["b"] * x for x in xs], "-", color=line.get_color(), alpha=0.5)
         if "width_pruned" in r:
             wp = r["width_pruned"]
             ax.plot([wp["depth"]], [wp["median_ms"]], "x", ms=9, color=line.get_color())
@@ -287,8 +291,9 @@ def table(summary):
         half = (f"{r['half_depth_speedup']:.2f}x ({r['ideal_half_depth_speedup']:.2f}x)"
                 if "half_depth_speedup" in r else "-")
         width = f"{r['width_pruned']['speedup']:.2f}x" if "width_pruned" in r else "-"
+        r2 = "-" if r["fit"]["r2"] is None else f"{r['fit']['r2']:.4f}"
         lines.append(f"| {r['backend']} | " + " | ".join(f"{m:.1f}" for m in r["median_ms"]) +
-                     f" | {r['fit']['r2']:.4f} | {half} | {r['floor_fraction']:.0%} | {width} |")
+                     f" | {r2} | {half} | {r['floor_fraction']:.0%} | {width} |")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tinyfusion.checkpoint import atomic_write  # noqa: E402
-from tinyfusion.errors import Parser, UserError, cli  # noqa: E402
+from tinyfusion.errors import Parser, UserError, cli, positive  # noqa: E402
 
 # (row name, prune arguments, recovery mode)
 METHODS = [
@@ -56,12 +56,13 @@ def parse_args(argv):
     p.add_argument("--methods", nargs="+", help="subset of row names")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "prune_compare.json"))
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "prune_compare"), help="run folders")
-    p.add_argument("--quick", action="store_true", help="tiny budgets, one seed, 4 random masks, 100 samples")
+    p.add_argument("--eval-steps", type=positive(), help="sampler steps of every evaluation (default: the model's)")
+    p.add_argument("--quick", action="store_true", help="tiny budgets, one seed, 4 random masks, 100 samples of 10 steps")
     p.add_argument("--report", action="store_true", help="only rewrite the table and plots from the results file")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.short, args.long, args.search_steps = args.seeds[:1], 6, 18, 6
-        args.batch, args.eval_samples, args.random_masks = 16, 100, 4
+        args.batch, args.eval_samples, args.random_masks, args.eval_steps = 16, 100, 4, 10
     if args.long < 3 * args.short:
         raise UserError(f"--long {args.long} must be at least 3x --short {args.short}")
     names = [m[0] for m in METHODS]
@@ -115,10 +116,11 @@ def call(main, argv):
             raise UserError(f"step failed: {' '.join(argv[:6])} ...") from None
 
 
-def evaluate_file(ckpt, out_json, samples):
+def evaluate_file(ckpt, out_json, args):
     from tinyfusion.evaluate import main as evaluate_main
 
-    call(evaluate_main, ["--ckpt", ckpt, "--samples", str(samples), "--json", out_json])
+    steps = ["--steps", str(args.eval_steps)] if args.eval_steps else []
+    call(evaluate_main, ["--ckpt", ckpt, "--samples", str(args.eval_samples), *steps, "--json", out_json])
     with open(out_json) as f:
         return json.load(f)
 
@@ -150,8 +152,8 @@ def run_unit(args, teacher, name, prune_args, kd, seed, pruned_cache, finished):
                          str(args.batch), "--seed", str(seed), "--snapshot-steps", str(args.short), "--eval-samples", "0",
                          "--out", rec_dir] + (["--resume"] if os.path.isfile(os.path.join(rec_dir, "finetune_state.pt")) else []))
     short = evaluate_file(os.path.join(rec_dir, f"recovered-step{args.short}.safetensors"),
-                          os.path.join(rec_dir, "eval-short.json"), args.eval_samples)
-    long = evaluate_file(os.path.join(rec_dir, "recovered.safetensors"), os.path.join(rec_dir, "eval-long.json"), args.eval_samples)
+                          os.path.join(rec_dir, "eval-short.json"), args)
+    long = evaluate_file(os.path.join(rec_dir, "recovered.safetensors"), os.path.join(rec_dir, "eval-long.json"), args)
     return {"method": name, "seed": seed, "kept": kept, "calibration_loss": calib, "recovery": kd,
             "short": short, "long": long}
 
@@ -175,7 +177,7 @@ def random_mask_unit(args, teacher, index):
     rec_dir = os.path.join(prune_dir, "recover")
     call(finetune_main, ["--ckpt", os.path.join(prune_dir, "pruned.safetensors"), "--teacher", teacher, "--kd", "none",
                          "--steps", str(args.short), "--global-batch-size", str(args.batch), "--eval-samples", "0", "--out", rec_dir])
-    m = evaluate_file(os.path.join(rec_dir, "recovered.safetensors"), os.path.join(rec_dir, "eval.json"), args.eval_samples)
+    m = evaluate_file(os.path.join(rec_dir, "recovered.safetensors"), os.path.join(rec_dir, "eval.json"), args)
     return {"kept": decision["kept"], "calibration_loss": decision["calibration_loss"], "digits_fid": m["digits_fid"],
             "class_accuracy": m["class_accuracy"]}
 
@@ -217,7 +219,8 @@ def summarize(results, args, wall):
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {__import__('torch').__version__}",
             "date": time.strftime("%Y-%m-%d"), "wall_s": round(wall, 1),
             "settings": {"seeds": args.seeds, "short": args.short, "long": args.long, "search_steps": args.search_steps,
-                         "batch": args.batch, "eval_samples": args.eval_samples}}
+                         "batch": args.batch, "eval_samples": args.eval_samples,
+                         "eval_steps": args.eval_steps}}
 
 
 def markdown(summary):

@@ -67,6 +67,16 @@ def write_latent_folder(root, count, shape, num_classes, name="imagenet64"):
     return root
 
 
+def bench_module(name):
+    """bench/<name>.py imported as a module (the scripts are not a package), to call its main in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def torchrun(nproc):
     """`python -m torch.distributed.run` with a standalone rendezvous on a port the launcher binds itself
     (probing for a free port and passing it races another run taking it in between)."""

@@ -142,17 +142,10 @@ def test_every_command_has_help(capsys):
     """`--help` of every command and bench script prints usage and exits 0 (an argument table that fails
     to build, e.g. a bad default or a duplicated flag, fails here before any user meets it)."""
     import importlib
-    import importlib.util
-    import os
-
-    from conftest import ROOT
+    from conftest import bench_module
 
     mains = [(m, importlib.import_module(f"tinyfusion.{m}").main) for m in COMMANDS]
-    for name in BENCH:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        mains.append((name, module.main))
+    mains += [(name, bench_module(name).main) for name in BENCH]
     for name, main in mains:
         code, out, err = run_main(main, ["--help"], capsys)
         assert code == 0 and "usage:" in out, (name, err)

@@ -15,7 +15,7 @@ from tinyfusion.recovery.kd import alignment
 from tinyfusion.training import RunOptions
 from tinyfusion.training.state import load
 
-from conftest import ROOT, tiny_dit
+from conftest import tiny_dit
 
 BATCH = 8
 
@@ -210,15 +210,10 @@ def test_train_resume_gives_the_uninterrupted_weights(tmp_path, capsys):
 
 def test_train_speed_dry_run(tmp_path, capsys):
     """bench/train_speed.py at tiny shapes on the CPU: every variant of both steps measured, none failed."""
-    import importlib.util
-
-    from conftest import run_main
+    from conftest import bench_module, run_main
 
     out = tmp_path / "speed.json"
-    spec = importlib.util.spec_from_file_location("bench_train_speed", os.path.join(ROOT, "bench", "train_speed.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    code, _, err = run_main(bench.main, ["--dry-run", "--json", str(out)], capsys)
+    code, _, err = run_main(bench_module("train_speed").main, ["--dry-run", "--json", str(out)], capsys)
     assert code == 0, err
     rows = json.loads(out.read_text())["rows"]
     assert {(r["step"], r["variant"], r["mode"]) for r in rows} >= {("search", "bf16", "compile"), ("masked_kd", "fp32", "eager")}
