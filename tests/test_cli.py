@@ -8,7 +8,7 @@ from tinyfusion.evaluate import main as evaluate_main
 from tinyfusion.sample import main as sample_main
 from tinyfusion.train import main as train_main
 
-from conftest import assert_one_line_error, run_main, run_module, tiny_dit, torchrun, write_latent_folder
+from conftest import assert_one_line_error, failure, run_main, run_module, tiny_dit, torchrun, write_latent_folder
 
 TINY = ["--preset", "digits", "--depth", "2", "--global-batch-size", "16", "--log-every", "5"]
 
@@ -34,10 +34,10 @@ def test_train_ddp_two_gloo_ranks(tmp_path):
 
     common = [*TINY, "--steps", "6", "--results-dir", str(tmp_path)]
     one = run_module(["-m", "tinyfusion.train", *common, "--name", "one"])
-    assert one.returncode == 0, one.stderr[-2000:]
+    assert one.returncode == 0, failure(one)
     res = run_module([*torchrun(2), "-m", "tinyfusion.train",
                       *common, "--name", "ddp"])
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 0, failure(res)
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 6
     ref = json.loads((tmp_path / "one" / "metrics.json").read_text())["loss_curve"]

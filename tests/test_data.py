@@ -81,19 +81,6 @@ def test_label_files_read_as_numpy_reads_them(tmp_path):
             read_labels(str(tmp_path), ["0.npy", bad])
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    """A real diffusers AutoencoderKL (random weights, tiny config) saved as a local folder."""
-    path = tmp_path_factory.mktemp("vae") / "vae"
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
-    )
-    vae.save_pretrained(path)
-    return str(path)
-
-
 def make_images(root, per_class=3, classes=("cat", "dog"), size=(40, 30)):
     from PIL import Image
 

@@ -9,7 +9,7 @@ import torch
 import tinyfusion
 from tinyfusion.prune import main as prune_main
 
-from conftest import assert_one_line_error, run_main, run_module, tiny_dit, torchrun, write_latent_folder
+from conftest import assert_one_line_error, failure, run_main, run_module, tiny_dit, torchrun, write_latent_folder
 
 FAST = ["--global-batch-size", "16", "--calib-samples", "32", "--log-every", "5"]
 
@@ -65,10 +65,10 @@ def test_baselines(tmp_path, capsys, tiny_teacher, method, extra):
 def test_two_gloo_ranks_same_decision_as_one(tmp_path, tiny_teacher):
     args = ["--ckpt", tiny_teacher, *FAST, "--steps", "12", "--seed", "5"]
     one = run_module(["-m", "tinyfusion.prune", *args, "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr[-2000:]
+    assert one.returncode == 0, failure(one)
     two = run_module([*torchrun(2), "-m", "tinyfusion.prune",
                       *args, "--out", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, failure(two)
     a, b = decision(tmp_path / "one"), decision(tmp_path / "two")
     assert a["kept"] == b["kept"]
     for pa, pb in zip(a["history"], b["history"]):
@@ -83,14 +83,14 @@ def test_kill_and_resume_gives_the_same_decision(tmp_path, tiny_teacher):
 
     args = ["--ckpt", tiny_teacher, *FAST, "--steps", "20", "--ckpt-every", "5", "--seed", "2"]
     ref = run_module(["-m", "tinyfusion.prune", *args, "--out", str(tmp_path / "ref")])
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert ref.returncode == 0, failure(ref)
     out = tmp_path / "killed"
     killed = run_module(["-m", "tinyfusion.prune", *args, "--out", str(out)], env={KILL_AFTER_STATE: "10"})
     assert killed.returncode == -signal.SIGKILL
     state = out / "search_state.pt"
     assert state.exists() and not (out / "decision.json").exists()
     resumed = run_module(["-m", "tinyfusion.prune", *args, "--out", str(out), "--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, failure(resumed)
     assert "resuming the search at step 10 of 20" in resumed.stdout  # mid-run, not after the last state
     a, b = decision(tmp_path / "ref"), decision(out)
     assert a["kept"] == b["kept"] and a["history"] == b["history"]

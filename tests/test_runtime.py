@@ -26,7 +26,7 @@ def test_cpp_sampling_equals_eager_sampling():
     labels = torch.tensor([0, 1, 4])
     a = sample(model, labels, (4, 8, 8), "ddim", 5, cfg_scale=1.5, seed=3)
     b = sample(runtime.load(model, "cpp"), labels, (4, 8, 8), "ddim", 5, cfg_scale=1.5, seed=3)
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-4)  # 5 steps of fp32 reordering on samples of order 1
 
 
 def test_unknown_backend_and_cpp_off_cpu_are_one_line_errors():
@@ -50,16 +50,25 @@ def test_evaluate_and_sample_take_backend(tmp_path, capsys):
     from tinyfusion.evaluate import main as evaluate_main
     from tinyfusion.sample import main as sample_main
 
-    out = tmp_path / "m.json"
-    code, _, err = run_main(evaluate_main, ["--samples", "40", "--steps", "4", "--backend", "cpp", "--splits", "2",
-                                            "--json", str(out)], capsys)
-    assert code == 0, err
     import json
 
-    metrics = json.loads(out.read_text())
-    assert metrics["backend"] == "cpp" and metrics["depth"] == 12
-    code, _, err = run_main(sample_main, ["--steps", "3", "--backend", "cpp", "--out", str(tmp_path / "g.png")], capsys)
-    assert code == 0, err
-    assert (tmp_path / "g.png").exists()
+    import numpy as np
+    from PIL import Image
+
+    results = {}
+    for backend in ("cpp", "eager"):  # the same samples through either backend: the same metrics and grid
+        out = tmp_path / f"{backend}.json"
+        code, _, err = run_main(evaluate_main, ["--samples", "40", "--steps", "4", "--backend", backend, "--splits", "2",
+                                                "--json", str(out)], capsys)
+        assert code == 0, err
+        code, _, err = run_main(sample_main, ["--steps", "3", "--backend", backend, "--per-class", "2",
+                                              "--out", str(tmp_path / f"{backend}.png")], capsys)
+        assert code == 0, err
+        results[backend] = json.loads(out.read_text()), np.asarray(Image.open(tmp_path / f"{backend}.png")).astype(int)
+    (cpp, cpp_grid), (eager, eager_grid) = results["cpp"], results["eager"]
+    assert cpp["backend"] == "cpp" and eager["backend"] == "eager" and cpp["depth"] == 12
+    for key in ("digits_fid", "class_accuracy", "precision", "recall"):
+        assert cpp[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-3), key
+    assert cpp_grid.shape == eager_grid.shape and np.abs(cpp_grid - eager_grid).max() <= 1
     code, _, err = run_main(sample_main, ["--backend", "nope", "--out", str(tmp_path / "h.png")], capsys)
     assert_one_line_error(code, err, "--backend")
