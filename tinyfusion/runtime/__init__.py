@@ -82,7 +82,7 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Run
         from . import cpu_ops
         from .fused import FusedForward
 
-        forward = FusedForward(model, cpu_ops.require())
+        forward = FusedForward(model, cpu_ops.require(), onednn=True)
     elif backend == "triton":
         from .fused import FusedForward
 

@@ -5,6 +5,11 @@ GEMMs through PyTorch, attention through the backend's attention, then `x += gat
 fused with the next LayerNorm+modulate, and bias+GELU in place on the fc1 output. The adaLN projections
 of all blocks and of the final layer are one GEMM per forward. Both backends pass the same ops:
 ln_modulate, residual_ln_modulate_ and bias_gelu_, and an attention (B, H, N, d) -> (B, N, H, d).
+
+On the CPU the GEMMs go through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel Inductor's CPU
+freezing path emits) with the weights reordered once into its blocked layout and tanh-GELU as the fc1
+GEMM's post-op: PyTorch's default addmm first copies the broadcast bias into its output, and a separate
+GELU pass reads and writes the widest activation again (measured in docs/runtime-cpu.md).
 """
 import torch
 import torch.nn.functional as F
@@ -14,9 +19,44 @@ def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # CPU SDPA's output is (B, N, H, d) in memory
 
 
+class TorchGemms:
+    """The block GEMMs through PyTorch (any device): addmm/mm, then the backend's in-place bias+GELU."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def linear(self, x, layer, bias=True):
+        return torch.addmm(layer.bias, x, layer.weight.t()) if bias else torch.mm(x, layer.weight.t())
+
+    def linear_gelu(self, x, layer):
+        h = torch.mm(x, layer.weight.t())
+        self.ops.bias_gelu_(h, layer.bias)
+        return h
+
+
+class OneDNNGemms:
+    """The block GEMMs through oneDNN on the CPU, weights reordered once (per module, at load)."""
+
+    def __init__(self, model):
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        self.packed = {id(m): reorder(m.weight.detach(), None) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+
+    def linear(self, x, layer, bias=True):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed[id(layer)], layer.bias if bias else None, "none", [], "")
+
+    def linear_gelu(self, x, layer):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed[id(layer)], layer.bias, "gelu", [], "tanh")
+
+
+def onednn_available(model):
+    p = next(model.parameters())
+    return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
 class FusedForward:
-    def __init__(self, model, ops, attention=sdpa):
+    def __init__(self, model, ops, attention=sdpa, onednn=False):
         self.ops, self.attention, self.model = ops, attention, model
+        self.gemms = OneDNNGemms(model) if onednn and onednn_available(model) else TorchGemms(ops)
         blocks = list(model.blocks)
         ada = [b.adaLN_modulation[1] for b in blocks] + [model.final_layer.adaLN_modulation[1]]
         self.ada_weight = torch.cat([m.weight for m in ada]).t()  # (D, L*6D + 2D): one GEMM for every block
@@ -36,16 +76,16 @@ class FusedForward:
             return mods[:, k * D:(k + 1) * D]
 
         h = ops.ln_modulate(tokens, mod(0), mod(1), self.eps1)  # the final layer's shift/scale when depth is 0
+        gemm = self.gemms
         for i, blk in enumerate(m.blocks):
-            qkv = torch.addmm(blk.attn.qkv.bias, h.view(B * N, D), blk.attn.qkv.weight.t())
+            qkv = gemm.linear(h.view(B * N, D), blk.attn.qkv)
             q, k, v = qkv.view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) views
             a = self.attention(q, k, v).reshape(B * N, D)
-            branch = torch.mm(a, blk.attn.proj.weight.t()).view(B, N, D)
+            branch = gemm.linear(a, blk.attn.proj, bias=False).view(B, N, D)  # the bias joins the residual
             ops.residual_ln_modulate_(tokens, branch, blk.attn.proj.bias, mod(6 * i + 2), mod(6 * i + 3),
                                       mod(6 * i + 4), self.eps2)
-            hidden = torch.mm(branch.view(B * N, D), blk.mlp.fc1.weight.t())
-            ops.bias_gelu_(hidden, blk.mlp.fc1.bias)
-            branch = torch.mm(hidden, blk.mlp.fc2.weight.t()).view(B, N, D)
+            hidden = gemm.linear_gelu(branch.view(B * N, D), blk.mlp.fc1)
+            branch = gemm.linear(hidden, blk.mlp.fc2, bias=False).view(B, N, D)
             nxt = 6 * (i + 1)  # the next block's norm1 shift/scale, or the final layer's after the last block
             ops.residual_ln_modulate_(tokens, branch, blk.mlp.fc2.bias, mod(6 * i + 5), mod(nxt), mod(nxt + 1),
                                       self.eps1)
