@@ -108,14 +108,39 @@ def assert_close_weights(a, b, atol):
         torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def bench_module(name):
-    """bench/<name>.py imported as a module (the scripts are not a package), to call its main in-process."""
+def script_module(folder, name):
+    """<folder>/<name>.py (bench/, export/: scripts, not a package) imported as a module, to call its main
+    in-process; the scripts put the repository root first on sys.path, which is restored here."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    saved = list(sys.path)
+    try:
+        spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(ROOT, folder, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
     return module
+
+
+def bench_module(name):
+    return script_module("bench", name)
+
+
+def run_script(folder, name, *argv):
+    """A script's main in-process: an object with returncode, stdout and stderr, like subprocess.run's."""
+    import contextlib
+    import io
+    import types
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            script_module(folder, name).main(list(argv))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def torchrun(nproc):

@@ -1,9 +1,6 @@
 """ONNX export (onnxruntime parity, dynamic batch, mixed precision casts), the onnxruntime backend, the
 TensorRT stage without TensorRT, the engine cache key, and bad input."""
 import json
-import os
-import subprocess
-import sys
 
 import onnx
 import pytest
@@ -11,7 +8,7 @@ import torch
 
 import tinyfusion
 
-from conftest import ROOT, assert_one_line_error, inputs, tiny_dit
+from conftest import assert_one_line_error, inputs, run_script, tiny_dit
 from tinyfusion import runtime, save
 from tinyfusion.diffusion import sample
 from tinyfusion.errors import UserError
@@ -21,8 +18,8 @@ from tinyfusion.runtime.tensorrt import engine_cache_key, parse_profile
 
 
 def run_tool(script, *argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "export", script), *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    """export/<script> run in-process (the same main a shell runs; see test_cli for --help as a process)."""
+    return run_script("export", script[:-3], *argv)
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +195,19 @@ def test_parity_above_threshold_rejects_the_graph(pruned_ckpt, tmp_path):
     assert_one_line_error(r.returncode, r.stderr, "parity above the thresholds", "model.onnx.rejected")
     assert not (out / "model.onnx").exists() and (out / "model.onnx.rejected").exists()
     assert json.loads((out / "parity.json").read_text())["parity"]["onnxruntime"]["batch2"]["max_abs"] > 1e-12
+
+
+@pytest.mark.parametrize("script", ["onnx.py", "trt.py"])
+def test_scripts_run_as_processes(script):
+    """`python export/<script>` as a shell runs it: its folder first on sys.path, where export/onnx.py would
+    shadow the onnx package if the script did not put the repository root there (the tests above call the
+    same main in-process)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "export", script), "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
