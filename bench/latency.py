@@ -99,12 +99,43 @@ def forward_flops(c, batch):
     return c.depth * block + edges
 
 
-def gemm_gflops(tokens, d, mlp, device, dtype, repeats):
-    """The machine's GEMM rate at the model's MLP shape, measured now: the denominator of the floor."""
+def gemm_paths(tokens, d, mlp, device, dtype, repeats):
+    """GFLOP/s of every GEMM path this machine has at the model's MLP shape, measured now: PyTorch's
+    default (MKL on the CPU, cuBLAS on a GPU) and, for fp32 on the CPU, oneDNN with a reordered weight
+    (what the cpp backend runs) and onnxruntime's MLAS. The fastest is the denominator of the floor: a
+    backend measured against a slower GEMM than the machine has would look better than it is."""
     a = torch.randn(tokens, d, device=device, dtype=dtype)
     w = torch.randn(mlp, d, device=device, dtype=dtype)
-    ms = median_ms(lambda: torch.mm(a, w.t()), device, 10, max(repeats, 30))  # long warm-up: thread pools spin up
-    return 2 * tokens * d * mlp / ms / 1e6
+    flop = 2 * tokens * d * mlp
+    runs = {"torch": lambda: torch.mm(a, w.t())}
+    if torch.device(device).type == "cpu" and dtype == torch.float32:
+        if torch.backends.mkldnn.is_available():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            runs["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+        ort = onnxruntime_matmul(w)
+        if ort is not None:
+            feed = {"a": a.numpy()}
+            runs["onnxruntime"] = lambda: ort.run(None, feed)
+    # long warm-up: thread pools spin up
+    return {name: flop / median_ms(fn, device, 10, max(repeats, 30)) / 1e6 for name, fn in runs.items()}
+
+
+def onnxruntime_matmul(w):
+    """An onnxruntime session of one MatMul by w.T (None without onnxruntime)."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    weight = numpy_helper.from_array(w.t().contiguous().numpy(), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["out"])], "gemm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", w.shape[1]])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", w.shape[0]])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def median_ms(fn, device, warmup, repeats):
@@ -303,16 +334,18 @@ def main(argv=None):
     t0 = time.time()
     top = make_config(args.preset, args.depths[0])
     tokens = args.batch * (top.input_size // top.patch_size) ** 2
-    gflops = gemm_gflops(tokens, top.hidden_size, int(top.hidden_size * top.mlp_ratio), args.device,
-                         DTYPES[args.dtype], args.repeats)
+    paths = gemm_paths(tokens, top.hidden_size, int(top.hidden_size * top.mlp_ratio), args.device,
+                       DTYPES[args.dtype], args.repeats)
+    gflops = max(paths.values())
     print(f"GEMM rate ({tokens}x{top.hidden_size} @ {top.hidden_size}x{int(top.hidden_size * top.mlp_ratio)}, "
-          f"{args.dtype}): {gflops:.1f} GFLOP/s", flush=True)
+          f"{args.dtype}): " + ", ".join(f"{k} {v:.1f}" for k, v in paths.items()) +
+          f" GFLOP/s; the floor uses the fastest, {gflops:.1f}", flush=True)
     medians, runtimes = measure_all(args)
     results = [backend_result(b, args, gflops, medians, runtimes) for b in args.backends]
     summary = {"preset": args.preset, "machine": machine(args), "date": time.strftime("%Y-%m-%d"),
                "command": "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "batch": args.batch, "dtype": args.dtype, "device": args.device, "tokens": 256,
-               "hidden_size": top.hidden_size, "gemm_gflops": gflops, "results": results,
+               "hidden_size": top.hidden_size, "gemm_gflops": gflops, "gemm_paths": paths, "results": results,
                "wall_s": time.time() - t0}
     write_outputs(summary, args)
     print(table(summary))

@@ -163,3 +163,41 @@ def test_train_on_a_latent_folder(tmp_path, capsys):
     assert (m.config.hidden_size, m.config.depth, m.config.input_size, m.config.num_classes) == (384, 1, 8, 3)
     code, _, err = run_main(train_main, [*argv[:-4], "--image-size", "128", "--results-dir", str(tmp_path), "--name", "bad"], capsys)
     assert_one_line_error(code, err, "latents are (4, 8, 8), the model expects (4, 16, 16)")
+
+
+BAD_INPUT = [  # (command, argv with {X} the output that must not appear and {T} the test folder, error fragment)
+    ("prune", ["--scheme", "3:2", "--out", "{X}"], "N must not exceed M"),
+    ("prune", ["--ckpt", "{T}/missing.safetensors", "--out", "{X}"], "no such file"),
+    ("prune", ["--method", "indices", "--kept", "0,0,1", "--out", "{X}"], "--kept"),
+    ("finetune", ["--ckpt", "{T}/missing.safetensors", "--out", "{X}"], "no such file"),
+    ("finetune", ["--steps", "0", "--out", "{X}"], "--steps"),
+    ("train", ["--preset", "digits", "--steps", "0", "--results-dir", "{X}"], "--steps"),
+    ("sample", ["--classes", "99", "--out", "{X}/grid.png"], "outside 0..9"),
+    ("sample", ["--steps", "0", "--out", "{X}/grid.png"], "--steps"),
+    ("evaluate", ["--samples", "0", "--json", "{X}/m.json"], "--samples"),
+    ("convert", ["--to", "diffusers", "--ckpt", "{T}/missing.pt", "--out", "{X}"], "no such file"),
+    ("extract_features", ["--data-path", "{T}/nothing", "--vae", "{T}/novae", "--out", "{X}"], "does not exist"),
+    ("train_classifier", ["--epochs", "0", "--out", "{X}/c.safetensors"], "--epochs"),
+    ("export/onnx", ["--ckpt", "{T}/missing.safetensors", "--out", "{X}"], "no such file"),
+    ("export/trt", ["--batch", "8:4:2", "--out", "{X}"], "MIN <= OPT <= MAX"),
+    ("bench/latency", ["--batch", "0", "--json", "{X}/lat.json"], "--batch"),
+]
+
+
+@pytest.mark.parametrize("command,argv,fragment", BAD_INPUT, ids=[f"{c}-{i}" for i, (c, _, _) in enumerate(BAD_INPUT)])
+def test_bad_input_leaves_no_output_behind(tmp_path, capsys, command, argv, fragment):
+    """Every command checks its arguments and inputs before it creates anything: a refused run leaves no
+    output folder or file, not even an empty one."""
+    import importlib
+
+    from conftest import script_module
+
+    out = tmp_path / "X"
+    argv = [a.format(X=out, T=tmp_path) for a in argv]
+    if "/" in command:
+        main = script_module(*command.split("/")).main
+    else:
+        main = importlib.import_module(f"tinyfusion.{command}").main
+    code, _, err = run_main(main, argv, capsys)
+    assert_one_line_error(code, err, fragment)
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))

@@ -143,12 +143,39 @@ def run_learnable(args, model, groups, diffusion, rank, world, device, log, comm
     return kept, extra, search
 
 
-def run_baseline(args, model, groups, diffusion, calib, log):
-    depths = block_stack(model).depths
+def baseline_target(args, groups, depths):
+    """(k, kept): the target depth and, for the methods that need no model (oracle, random, first, last,
+    indices), the kept layers. Every way a baseline can refuse its arguments is here, checked before the
+    run writes anything."""
     depth = sum(depths)
     k = args.target_depth or sum(n for n, _ in groups)
     if k >= depth:
         raise UserError(f"target depth {k} is not below the model's depth {depth}")
+    m = args.method
+    if m == "oracle":
+        return k, baselines.oracle(depth, k)
+    if m == "random":
+        return k, baselines.random_mask(depth, k, args.seed, depths)
+    if m == "first":
+        return k, list(range(k))
+    if m == "last":
+        return k, list(range(depth - k, depth))
+    if m == "indices":
+        try:
+            kept = json.loads(args.kept)
+            kept = [int(i) for i in kept]
+        except (ValueError, TypeError):
+            raise UserError(f"--kept must be a JSON list of integers, got {args.kept!r}") from None
+        if len(set(kept)) != len(kept):
+            raise UserError(f"--kept contains duplicates: {kept}")
+        return k, validate_kept(kept, depth)
+    return k, None
+
+
+def run_baseline(args, model, k, diffusion, calib):
+    """The score baselines and the random search: they measure the model."""
+    depths = block_stack(model).depths
+    depth = sum(depths)
     m = args.method
     if m == "bi":
         return baselines.block_influence(model, diffusion, calib, k)
@@ -159,23 +186,6 @@ def run_baseline(args, model, groups, diffusion, calib, log):
 
         with tqdm(total=depth, desc="sensitivity", dynamic_ncols=True) as bar:
             return baselines.sensitivity(model, diffusion, calib, k, bar)
-    if m == "oracle":
-        return baselines.oracle(depth, k), {}
-    if m == "random":
-        return baselines.random_mask(depth, k, args.seed, depths), {}
-    if m == "first":
-        return list(range(k)), {}
-    if m == "last":
-        return list(range(depth - k, depth)), {}
-    if m == "indices":
-        try:
-            kept = json.loads(args.kept)
-            kept = [int(i) for i in kept]
-        except (ValueError, TypeError):
-            raise UserError(f"--kept must be a JSON list of integers, got {args.kept!r}") from None
-        if len(set(kept)) != len(kept):
-            raise UserError(f"--kept contains duplicates: {kept}")
-        return validate_kept(kept, depth), {}
     if m == "random-search":
         from tqdm import tqdm
 
@@ -219,9 +229,10 @@ def main(argv=None):
         source = source.to(device)
         final = source if final is None else final
     else:
+        k, fixed = baseline_target(args, groups, stack.depths)
         log.write(command, echo=False)
         source = source.to(device)
-        kept, extra = run_baseline(args, source, groups, diffusion, calib, log)
+        kept, extra = (fixed, {}) if fixed is not None else run_baseline(args, source, k, diffusion, calib)
         final = source
     loss = calibration_loss(final, diffusion, calib, kept=kept)
     if rank == 0:
