@@ -123,7 +123,6 @@ def gemm_paths(tokens, d, mlp, device, dtype, repeats):
 def onnxruntime_matmul(w):
     """An onnxruntime session of one MatMul by w.T (None without onnxruntime)."""
     try:
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:

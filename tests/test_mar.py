@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from conftest import failure
+from tinyfusion.checkpoint import load_mar
 from tinyfusion.errors import UserError
-from tinyfusion.models.mar import MAR, MARConfig, config_from_state_dict, load_mar
+from tinyfusion.models.mar import MAR, MARConfig, config_from_state_dict
 from tinyfusion.models.stack import block_stack
 from tinyfusion.pruning.surgery import fixed_mask
 
@@ -56,7 +57,7 @@ def test_loss_is_finite_masked_and_trains_every_part():
     m = tiny_mar().train()
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
-    from tinyfusion.models.mar import MARObjective
+    from tinyfusion.diffusion.mar import MARObjective
 
     terms = MARObjective().training_losses(lambda x, seeds: m(x, seeds, labels), images, torch.tensor([3, 3, 900, 5]))
     out = terms["output"]

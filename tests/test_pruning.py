@@ -6,12 +6,13 @@ import torch
 
 from tinyfusion.diffusion import create_diffusion
 from tinyfusion.errors import UserError
+from tinyfusion.models.stack_base import validate_kept
 from tinyfusion.pruning import baselines
 from tinyfusion.pruning.calibration import CalibrationSet, calibration_loss
 from tinyfusion.pruning.gates import MaskGates
 from tinyfusion.pruning.learnable import LearnableSearch, SearchConfig
 from tinyfusion.pruning.lora import LoRALinear, apply_lora, merge_lora
-from tinyfusion.pruning.masks import candidate_masks, kept_from_choices, parse_groups, parse_scheme, validate_kept
+from tinyfusion.pruning.masks import candidate_masks, kept_from_choices, parse_groups, parse_scheme
 from tinyfusion.pruning.surgery import fixed_mask, masked_forward, prune_model
 
 from conftest import inputs, tiny_dit

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import assert_one_line_error, run_main, run_module, tiny_dit, torchrun
 from tinyfusion import save
-from tinyfusion.bulk_sampling import spread_labels
+from tinyfusion.eval.npz import spread_labels
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_npz_needs_num_samples(ckpt, tmp_path, capsys):
 def test_npz_defaults_to_the_papers_ddpm_250():
     import argparse
 
-    from tinyfusion.sampler_args import add_sampler_args, sampler_settings
+    from tinyfusion.cli.sampler_args import add_sampler_args, sampler_settings
 
     p = argparse.ArgumentParser()
     add_sampler_args(p)
@@ -115,7 +115,7 @@ def test_latent_model_grid_and_npz_decode_through_a_real_vae(tmp_path, tiny_vae,
 
     from tinyfusion.data.vae import SCALE, load_vae
     from tinyfusion.sample import main as sample_main, to_grid
-    from tinyfusion.sampler_args import add_sampler_args, sample_batched, sampler_settings
+    from tinyfusion.cli.sampler_args import add_sampler_args, sample_batched, sampler_settings
 
     path = str(tmp_path / "latent.safetensors")
     model = tiny_dit(depth=2, in_channels=4, input_size=4, num_classes=3)

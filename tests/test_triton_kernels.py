@@ -3,6 +3,8 @@
 fp32 and fp16 only: the interpreter's bf16 is unreliable (bf16 is covered by bench/gpu_check.sh).
 Shapes stay small because the interpreter runs one program at a time in numpy.
 """
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,3 +133,24 @@ def test_ops_trace_under_torch_compile():
     shift, scale = rows(2, 32, 2, seed=1, dtype=torch.float32)
     fn = torch.compile(lambda x, s, c: ops.ln_modulate(x, s, c, 1e-6) + 1, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(x, shift, scale), ops.ln_modulate(x, shift, scale, 1e-6) + 1)
+
+
+def test_ops_refuse_layouts_they_would_misread():
+    """The kernels index raw pointers with the strides a contiguous (B, N, D) input implies: a transposed x,
+    modulation rows of another shape, a strided bias or a GELU input whose last dimension is not the
+    bias's would be read wrongly without an error, so each op refuses them in one line (as the C++ ops do)."""
+    x = torch.randn(2, 5, 8)
+    rows = torch.randn(2, 8)
+    cases = [
+        (lambda: ops.ln_modulate(x.transpose(0, 1), rows[:1].expand(5, 8), rows[:1].expand(5, 8)), "contiguous (B, N, D)"),
+        (lambda: ops.ln_modulate(x, torch.randn(2, 7), rows), "shift must be (B, D) = (2, 8)"),
+        (lambda: ops.ln_modulate(x, rows, torch.randn(8, 2).t()), "unit stride"),
+        (lambda: ops.residual_ln_modulate_(x.clone(), torch.randn(2, 5, 7), None, rows, rows, rows, 1e-6), "shape of x"),
+        (lambda: ops.residual_ln_modulate_(x.clone(), x.clone(), torch.randn(16)[::2], rows, rows, rows, 1e-6), "contiguous (8,)"),
+        (lambda: ops.bias_gelu_(torch.randn(10, 6), torch.randn(8)), "last dimension"),
+        (lambda: ops.bias_gelu_(torch.randn(6, 10).t(), torch.randn(6)), "contiguous"),
+    ]
+    for call, fragment in cases:
+        with pytest.raises(ValueError, match=re.escape(fragment)) as e:
+            call()
+        assert "\n" not in str(e.value)

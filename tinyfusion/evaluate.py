@@ -22,7 +22,7 @@ from . import checkpoint, runtime
 from .errors import Parser, UserError, cli, positive, writable_file
 from .eval.inception import WEIGHTS_NAME
 from .eval.digits_metrics import balanced_labels, digits_metrics, format_metrics
-from .sampler_args import add_sampler_args, sample_batched, sampler_settings
+from .cli.sampler_args import add_sampler_args, sample_batched, sampler_settings
 
 
 def require_digits_model(model, path):

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .distributed import cleanup, setup
 from .errors import Parser, UserError, cli, positive
+from .training.distributed import cleanup, setup
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG")
 

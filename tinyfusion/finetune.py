@@ -21,12 +21,12 @@ import torch
 from . import checkpoint
 from .data.batches import make_batches
 from .diffusion import create_objective
-from .distributed import cleanup, setup_run
 from .errors import Parser, UserError, cli, positive
 from .recovery.finetune import FinetuneConfig, Recovery
 from .recovery.kd import KDWeights, alignment
-from .runlog import RunLog, plot_curve
 from .training import add_engine_args, engine_config
+from .training.distributed import cleanup, setup_run
+from .training.runlog import RunLog, plot_curve
 
 
 def parse_args(argv):
@@ -35,23 +35,23 @@ def parse_args(argv):
     p = Parser(prog="python -m tinyfusion.finetune", description=__doc__)
     p.add_argument("--ckpt", required=True, help="pruned checkpoint written by tinyfusion.prune")
     p.add_argument("--teacher", help="teacher checkpoint (default: the source named in the pruned checkpoint)")
-    p.add_argument("--kd", choices=["masked", "logits", "none"], default="masked")
+    p.add_argument("--kd", choices=["masked", "logits", "none"], default=FinetuneConfig.kd)
     add_model_arg(p)
     o = p.add_argument_group("optimization (paper defaults)")
-    o.add_argument("--steps", type=positive(), default=1000)
-    o.add_argument("--global-batch-size", type=positive(), default=128)
-    o.add_argument("--lr", type=positive(float), default=2e-4)
-    o.add_argument("--lr-min", type=float, default=1e-4, help="end of the per-step cosine schedule")
-    o.add_argument("--grad-clip", type=positive(float), default=1.0)
-    o.add_argument("--ema-decay", type=positive(float), default=0.9999)
+    o.add_argument("--steps", type=positive(), default=FinetuneConfig.steps)
+    o.add_argument("--global-batch-size", type=positive(), default=FinetuneConfig.global_batch_size)
+    o.add_argument("--lr", type=positive(float), default=FinetuneConfig.lr)
+    o.add_argument("--lr-min", type=float, default=FinetuneConfig.lr_min, help="end of the per-step cosine schedule")
+    o.add_argument("--grad-clip", type=positive(float), default=FinetuneConfig.grad_clip)
+    o.add_argument("--ema-decay", type=positive(float), default=FinetuneConfig.ema_decay)
     o.add_argument("--no-ema-warmup", action="store_true",
                    help="use the EMA decay from step 0 (default warms it up as min(decay, (1+t)/(10+t)))")
     k = p.add_argument_group("distillation weights")
-    k.add_argument("--alpha-kd", type=float, default=0.9, help="output KD weight")
-    k.add_argument("--alpha-gt", type=float, default=0.1, help="diffusion-loss weight")
+    k.add_argument("--alpha-kd", type=float, default=KDWeights.alpha_kd, help="output KD weight")
+    k.add_argument("--alpha-gt", type=float, default=KDWeights.alpha_gt, help="diffusion-loss weight")
     k.add_argument("--beta", type=float, nargs=2, metavar=("START", "END"),
                    help="hidden-state KD weight, linear over training (default 1e-2 0; a SiT: 2e-4 0, the paper's)")
-    k.add_argument("--mask-k", type=positive(float), default=2.0, help="mask hidden values beyond k std")
+    k.add_argument("--mask-k", type=positive(float), default=KDWeights.mask_k, help="mask hidden values beyond k std")
     d = p.add_argument_group("data and run")
     d.add_argument("--data-path", help="latent folder; default: the digits set")
     d.add_argument("--cond", help="diffusers PixArt/SD3/Flux folders: the conditioning bank used when pruning")
@@ -60,10 +60,10 @@ def parse_args(argv):
     d.add_argument("--resume", action="store_true")
     d.add_argument("--ckpt-every", type=positive(),
                    help="steps between resumable states (default 250 on digits, 10000 on latents; --ckpt-minutes also saves)")
-    d.add_argument("--log-every", type=positive(), default=25)
+    d.add_argument("--log-every", type=positive(), default=FinetuneConfig.log_every)
     d.add_argument("--snapshot-steps", default="", help="comma-separated steps at which to also save EMA weights")
     d.add_argument("--eval-samples", type=int, default=1000, help="digits evaluation at the end (0 skips)")
-    d.add_argument("--max-bad-steps", type=positive(), default=20, help="abort after this many non-finite losses in a row")
+    d.add_argument("--max-bad-steps", type=positive(), default=FinetuneConfig.max_bad_steps, help="abort after this many non-finite losses in a row")
     d.add_argument("--num-workers", type=int, help="latent loader workers (default: 0 on the CPU, up to 8 per GPU)")
     add_engine_args(p)
     args = p.parse_args(argv)
@@ -113,30 +113,19 @@ def check_lineage(args, student, teacher, info):
     return alignment(info.get("groups") or [[t.depth, t.depth]], kept)
 
 
-def load_model(args, path):
-    """Our checkpoints (DiT, SiT, MAR), or a diffusers PixArt/SD3/Flux folder behind DiT's call."""
-    from .models.diffusers_denoiser import is_diffusers_transformer_folder, load_denoiser
-
-    if is_diffusers_transformer_folder(path):
-        if not args.data_path:
-            raise UserError(f"{path} is a diffusers transformer: give --data-path with its latents (and --cond)")
-        return load_denoiser(path, args.cond)
-    return checkpoint.load(path, model=args.model)
-
-
 @cli
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_run(args.global_batch_size, args.out)
     torch.manual_seed(args.seed)
-    student = load_model(args, args.ckpt)
+    student = checkpoint.load_trainable(args.ckpt, args.model, args.data_path, args.cond)
     info = student.provenance
     teacher, pairs = None, []
     teacher_path = resolve_teacher(args, info) if args.kd != "none" or args.teacher else None
     if teacher_path is None and info.get("source") and os.path.exists(info["source"]):
         teacher_path = info["source"]  # plain fine-tuning needs no teacher, but checks lineage when it can
     if teacher_path is not None:
-        teacher = load_model(args, teacher_path)
+        teacher = checkpoint.load_trainable(teacher_path, args.model, args.data_path, args.cond)
         if teacher.config.objective != student.config.objective:
             raise UserError(f"student ({student.config.objective}) and teacher ({teacher.config.objective}) "
                             "were trained with different objectives")
@@ -181,7 +170,7 @@ def main(argv=None):
         c = ema.config
         if args.eval_samples > 0 and (c.in_channels, c.input_size, c.num_classes) == (1, 8, 10):
             from .evaluate import evaluate
-            from .sampler_args import default_settings
+            from .cli.sampler_args import default_settings
 
             metrics["evaluation"] = evaluate(ema, args.eval_samples, default_settings(c))
             m = metrics["evaluation"]

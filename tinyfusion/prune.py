@@ -25,17 +25,18 @@ import torch
 from . import checkpoint
 from .data.batches import make_batches
 from .diffusion import create_objective
-from .distributed import cleanup, setup_run
 from .errors import Parser, UserError, cli, positive
+from .models.stack import block_stack
+from .models.stack_base import validate_kept
 from .pruning import baselines
 from .pruning.calibration import CalibrationSet, calibration_loss
 from .pruning.learnable import LearnableSearch, SearchConfig
-from .pruning.masks import kept_from_choices, parse_groups, parse_scheme, validate_kept
+from .pruning.masks import kept_from_choices, parse_groups, parse_scheme
 from .pruning.plots import plot_decisions, plot_scores
-from .models.stack import block_stack
 from .pruning.surgery import prune_model
-from .runlog import RunLog
 from .training import add_engine_args, engine_config
+from .training.distributed import cleanup, setup_run
+from .training.runlog import RunLog
 
 METHODS = ["learnable", "bi", "fluxlite", "sensitivity", "oracle", "random", "first", "last", "indices", "random-search"]
 
@@ -56,15 +57,15 @@ def parse_args(argv):
     s = p.add_argument_group("learnable search (paper defaults)")
     s.add_argument("--steps", type=positive(), help="search steps (default: 500 on digits, one epoch on latents)")
     s.add_argument("--epochs", type=positive(float), help="search length in passes over the data, instead of --steps")
-    s.add_argument("--global-batch-size", type=positive(), default=128)
-    s.add_argument("--lr", type=positive(float), default=1e-4, help="weight-update learning rate")
-    s.add_argument("--gate-lr-mult", type=positive(float), default=10.0, help="gate lr = this x --lr")
-    s.add_argument("--tau-range", type=positive(float), nargs=2, default=[4.0, 0.1], metavar=("START", "END"),
+    s.add_argument("--global-batch-size", type=positive(), default=SearchConfig.global_batch_size)
+    s.add_argument("--lr", type=positive(float), default=SearchConfig.lr, help="weight-update learning rate")
+    s.add_argument("--gate-lr-mult", type=positive(float), default=SearchConfig.gate_lr_mult, help="gate lr = this x --lr")
+    s.add_argument("--tau-range", type=positive(float), nargs=2, default=list(SearchConfig.tau_range), metavar=("START", "END"),
                    help="Gumbel temperature, annealed linearly")
-    s.add_argument("--scaling", type=positive(float), default=100.0, help="logit scale (one-hotness)")
-    s.add_argument("--ema-decay", type=positive(float), default=0.999, help="EMA of all trainable state; decides")
-    s.add_argument("--delta-w", default="lora", choices=["lora", "full", "none"], help="recoverability update")
-    s.add_argument("--lora-rank", type=positive(), default=8)
+    s.add_argument("--scaling", type=positive(float), default=SearchConfig.scaling, help="logit scale (one-hotness)")
+    s.add_argument("--ema-decay", type=positive(float), default=SearchConfig.ema_decay, help="EMA of all trainable state; decides")
+    s.add_argument("--delta-w", default=SearchConfig.delta_w, choices=["lora", "full", "none"], help="recoverability update")
+    s.add_argument("--lora-rank", type=positive(), default=SearchConfig.lora_rank)
     s.add_argument("--lora-alpha", type=positive(float), help="default 2 x rank")
     s.add_argument("--keep-update", action="store_true", help="merge the update into the saved weights (default: discard)")
     d = p.add_argument_group("data and run")
@@ -77,7 +78,7 @@ def parse_args(argv):
     d.add_argument("--resume", action="store_true", help="continue the search saved in --out")
     d.add_argument("--ckpt-every", type=positive(),
                    help="steps between resumable states (default 100 on digits, 2000 on latents; --ckpt-minutes also saves)")
-    d.add_argument("--log-every", type=positive(), default=10)
+    d.add_argument("--log-every", type=positive(), default=SearchConfig.log_every)
     d.add_argument("--num-workers", type=int, help="latent loader workers (default: 0 on the CPU, up to 8 per GPU)")
     add_engine_args(p)
     args = p.parse_args(argv)
@@ -94,21 +95,6 @@ def parse_args(argv):
         raise UserError("--method indices needs --kept")
     args.out = args.out or os.path.join("runs", f"prune-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     return args
-
-
-def load_source(args):
-    """Our DiT/SiT from any checkpoint, or a diffusers PixArt/SD3/Flux folder behind DiT's call."""
-    from .models.diffusers_denoiser import is_diffusers_transformer_folder, load_denoiser
-
-    if is_diffusers_transformer_folder(args.ckpt):
-        if args.model:
-            raise UserError("--model dit|sit applies to DiT checkpoints; a diffusers folder brings its own objective")
-        if not args.data_path:
-            raise UserError(f"{args.ckpt} is a diffusers transformer: give --data-path with its latents (and --cond)")
-        return load_denoiser(args.ckpt, args.cond)
-    if args.cond:
-        raise UserError("--cond applies to diffusers PixArt/SD3/Flux folders only")
-    return checkpoint.load(args.ckpt, model=args.model)
 
 
 def params(model):
@@ -166,8 +152,6 @@ def baseline_target(args, groups, depths):
             kept = [int(i) for i in kept]
         except (ValueError, TypeError):
             raise UserError(f"--kept must be a JSON list of integers, got {args.kept!r}") from None
-        if len(set(kept)) != len(kept):
-            raise UserError(f"--kept contains duplicates: {kept}")
         return k, validate_kept(kept, depth)
     return k, None
 
@@ -202,7 +186,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_run(args.global_batch_size, args.out)
     torch.manual_seed(args.seed)  # LoRA initialization: the same on every rank and in every run
-    source = load_source(args)
+    source = checkpoint.load_trainable(args.ckpt, args.model, args.data_path, args.cond)
     stack = block_stack(source)
     depth = stack.depth
     if args.groups:

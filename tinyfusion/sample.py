@@ -14,14 +14,14 @@ import torch
 
 from . import checkpoint, runtime
 from .errors import Parser, UserError, cli, positive, writable_file
-from .sampler_args import add_sampler_args, sample_batched, sampler_settings
+from .cli.sampler_args import add_sampler_args, sample_batched, sampler_settings
 
 
 def to_grid(images, rows, upscale=4):
     """(N, C, H, W) in [-1, 1] -> uint8 HxWxC grid with `rows` rows and a 1-pixel gap."""
     n, c, h, w = images.shape
     cols = n // rows
-    from .bulk_sampling import to_uint8
+    from .eval.npz import to_uint8
 
     img = to_uint8(images)
     img = img.repeat_interleave(upscale, 2).repeat_interleave(upscale, 3)
@@ -45,8 +45,8 @@ def parse_classes(text, num_classes):
 
 
 def sample_npz(args, model, settings, vae):
-    from . import distributed
-    from .bulk_sampling import pack_npz, sample_to_npz
+    from .training import distributed
+    from .eval.npz import pack_npz, sample_to_npz
 
     rank, world, device = distributed.setup()
     try:

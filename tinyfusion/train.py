@@ -15,15 +15,15 @@ import time
 import torch
 
 from . import checkpoint
+from .data.batches import make_batches
 from .diffusion import create_objective
-from .distributed import cleanup, setup_run
 from .errors import Parser, UserError, cli, positive
 from .models import DiT, DiTConfig, config_from_name
 from .models.mar import MAR, MARConfig
-from .data.batches import make_batches
-from .runlog import RunLog, plot_curve
 from .training import Engine, add_engine_args, engine_config
 from .training.denoising import DenoiserTraining, TrainConfig
+from .training.distributed import cleanup, setup_run
+from .training.runlog import RunLog, plot_curve
 
 PRESETS = {
     # The embedded teacher: depth 12 so that 1:2, 2:4, 3:6 and 6:12 all apply (12 -> 6 mirrors 28 -> 14).

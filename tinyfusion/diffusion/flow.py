@@ -161,7 +161,7 @@ def create_objective(config):
     if getattr(config, "objective", "diffusion") == "flow":
         return FlowObjective(config.path, config.prediction)
     if config.objective == "mar":
-        from ..models.mar import MARObjective
+        from .mar import MARObjective
 
         return MARObjective()
     return create_diffusion(learn_sigma=config.learn_sigma)

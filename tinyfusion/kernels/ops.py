@@ -32,8 +32,33 @@ def _warps(d):
     return 4 if d <= 1024 else 8
 
 
+# The kernels index raw pointers with the strides these shapes imply: a wrong layout would read the wrong
+# elements silently, so each op checks its inputs first, as the C++ ops do (one-line ValueErrors).
+def check_tokens(x, name="x"):
+    if x.dim() != 3 or not x.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous (B, N, D) tensor, got shape {tuple(x.shape)} "
+                         f"with strides {x.stride()}")
+
+
+def check_rows(m, x, name):
+    """A (B, D) modulation row block with unit stride along D (a view into the adaLN output is fine)."""
+    if m.dim() != 2 or m.shape[0] != x.shape[0] or m.shape[1] != x.shape[2] or m.stride(1) != 1:
+        raise ValueError(f"{name} must be (B, D) = ({x.shape[0]}, {x.shape[2]}) with unit stride along D, got "
+                         f"shape {tuple(m.shape)} with strides {m.stride()}")
+    if m.device != x.device:
+        raise ValueError(f"{name} is on {m.device}, x on {x.device}")
+
+
+def check_bias(bias, d, name="bias"):
+    if bias.dim() != 1 or bias.shape[0] != d or not bias.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous ({d},) vector, got shape {tuple(bias.shape)}")
+
+
 @torch.library.custom_op("tinyfusion_triton::ln_modulate_fwd", mutates_args=())
 def ln_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    check_tokens(x)
+    check_rows(shift, x, "shift")
+    check_rows(scale, x, "scale")
     B, N, D = x.shape
     y = torch.empty_like(x)
     mean = torch.empty(B * N, device=x.device, dtype=torch.float32)
@@ -87,6 +112,14 @@ def ln_modulate(x, shift, scale, eps=1e-6):
 @torch.library.custom_op("tinyfusion_triton::residual_ln_modulate_", mutates_args=("x", "branch"))
 def residual_ln_modulate_(x: Tensor, branch: Tensor, bias: Tensor | None, gate: Tensor, shift: Tensor, scale: Tensor,
                           eps: float) -> None:
+    check_tokens(x)
+    check_tokens(branch, "branch")
+    if branch.shape != x.shape:
+        raise ValueError(f"branch must have the shape of x {tuple(x.shape)}, got {tuple(branch.shape)}")
+    if bias is not None:
+        check_bias(bias, x.shape[2])
+    for name, m in (("gate", gate), ("shift", shift), ("scale", scale)):
+        check_rows(m, x, name)
     B, N, D = x.shape
     residual_ln_modulate_kernel[(B * N,)](x, branch, bias if bias is not None else x, gate, shift, scale, x, branch,
                                           N, D, gate.stride(0), shift.stride(0), scale.stride(0), eps,
@@ -100,6 +133,10 @@ def _(x, branch, bias, gate, shift, scale, eps):
 
 @torch.library.custom_op("tinyfusion_triton::bias_gelu_", mutates_args=("h",))
 def bias_gelu_(h: Tensor, bias: Tensor) -> None:
+    if not h.is_contiguous() or h.shape[-1] != bias.numel():
+        raise ValueError(f"h must be contiguous with its last dimension the bias's {bias.numel()}, got shape "
+                         f"{tuple(h.shape)} with strides {h.stride()}")
+    check_bias(bias, h.shape[-1])
     cols = bias.shape[0]
     block = min(1024, next_power_of_2(cols))
     bias_gelu_kernel[(h.numel() // cols, -(-cols // block))](h, bias, cols, BLOCK=block, num_warps=4)

@@ -47,11 +47,11 @@ class DiffusersDenoiser(nn.Module):
         in_ch = c.in_channels // 4 if name == "FluxTransformer2DModel" else c.in_channels  # Flux packs 2x2 patches
         out_ch = getattr(c, "out_channels", None) or in_ch
         flow = name in ("SD3Transformer2DModel", "FluxTransformer2DModel")
-        from .stack import block_stack
+        from .diffusers_stacks import diffusers_stack
 
         self.config = SimpleNamespace(
             objective="flow" if flow else "diffusion", path="linear", prediction="velocity",
-            depth=block_stack(model).depth, hidden_size=c.num_attention_heads * c.attention_head_dim,
+            depth=diffusers_stack(model).depth, hidden_size=c.num_attention_heads * c.attention_head_dim,
             patch_size=c.patch_size, family=name,
             learn_sigma=not flow and out_ch == 2 * in_ch, in_channels=in_ch,
             num_classes=(c.num_embeds_ada_norm if name == "DiTTransformer2DModel" else rows.pop() - 1),

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .stack import BlockStack
+from .stack_base import BlockStack
 
 
 def _hidden_states(args, kwargs):

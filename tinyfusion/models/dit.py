@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..diffusion.guidance import guide
+
 
 @dataclass
 class DiTConfig:
@@ -266,11 +268,7 @@ def forward_with_cfg(forward, in_channels, x, t, y, cfg_scale, guidance_channels
     """
     half = x[: x.shape[0] // 2]  # not len(x): that would fix the batch size in an exported graph
     out = forward(torch.cat([half, half]), t, y)
-    n = in_channels if guidance_channels is None else guidance_channels
-    eps, rest = out[:, :n], out[:, n:]
-    cond, uncond = eps.chunk(2)
-    guided = uncond + cfg_scale * (cond - uncond)
-    return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+    return guide(out, in_channels if guidance_channels is None else guidance_channels, cfg_scale)
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size):

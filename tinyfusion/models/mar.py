@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..diffusion.gaussian import create_diffusion, randn_on
+from ..diffusion.guidance import guide
 from .dit import Attention, TimestepEmbedder
 
 
@@ -176,11 +177,7 @@ class DiffLoss(nn.Module):
         half = randn_on((len(z) // 2, c), generator, z.device)
 
         def guided(x, t):
-            out = self.net(torch.cat([x[: len(x) // 2]] * 2), t, z)
-            eps, rest = out[:, :c], out[:, c:]
-            cond, uncond = eps.chunk(2)
-            g = uncond + cfg * (cond - uncond)
-            return torch.cat([torch.cat([g, g]), rest], dim=1)
+            return guide(self.net(torch.cat([x[: len(x) // 2]] * 2), t, z), c, cfg)
 
         return ddpm_loop(diffusion, guided, torch.cat([half, half]), generator, temperature=temperature,
                          clip_denoised=clip)
@@ -367,36 +364,6 @@ class MAR(nn.Module):
         return self.unpatchify(tokens)
 
 
-class MARObjective:
-    """MAR's loss behind the interface the trainers use for GaussianDiffusion: `model_fn(x, t)` is the
-    MAR forward on clean images with per-sample seeds t; there is no noising outside the model."""
-
-    learned_variance = False
-    num_timesteps = 1000
-
-    def model_timesteps(self, t):
-        return t
-
-    def q_sample(self, x0, t, noise):
-        return x0  # the model masks and noises its own tokens
-
-    def training_losses(self, model_fn, x0, t, noise=None):
-        """The trainers' t (in [0, 1000)) and noise, both drawn from their seeded generator, become one
-        seed per sample (1000 values of t alone would repeat masks); the teacher gets the same seeds."""
-        noise = torch.randn_like(x0) if noise is None else noise
-        seeds = t.long().cpu() * 1_000_003 + (noise.flatten(1).double().abs().sum(1).cpu() * 1e6).long() % 1_000_003
-        out = model_fn(x0, seeds)
-        return {"loss": out["loss"], "mse": out["loss"], "output": out, "x_t": x0, "model_t": seeds}
-
-    @staticmethod
-    def output_kd(student_out, teacher_out, channels=None):
-        """Per sample: MSE of the head's eps predictions over the masked tokens (same noised tokens)."""
-        c = student_out["output"].shape[-1] // 2
-        err = ((student_out["output"][..., :c] - teacher_out["output"][..., :c].detach()) ** 2).mean(-1)
-        w = student_out["weight"]
-        return (err * w).sum(1) / w.sum(1)
-
-
 def prune_mar(model, kept_encoder, kept_decoder):
     """A MAR keeping those encoder and decoder blocks (local indices), renumbered from 0."""
     cfg = copy.deepcopy(model.config)
@@ -464,11 +431,3 @@ def mar_from_state_dict(sd, info, where, **overrides):
         raise UserError(f"{where}: keys or shapes do not match a MAR ({str(e).splitlines()[1].strip()[:200]})") from None
     model.provenance = info
     return model.eval()
-
-
-def load_mar(path, **overrides):
-    """An official MAR checkpoint (.pth with "model_ema"/"model", EMA preferred) or our safetensors."""
-    from ..checkpoint import read
-
-    sd, info = read(path)
-    return mar_from_state_dict(sd, info, path, **overrides)

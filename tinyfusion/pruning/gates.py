@@ -1,4 +1,4 @@
-"""Learnable categorical distributions over each block's candidate masks, sampled with Gumbel-softmax."""
+"""Learnable categorical distributions over each N:M group's candidate masks, sampled with Gumbel-softmax."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -7,9 +7,9 @@ from .masks import candidate_masks
 
 
 class MaskGates(nn.Module):
-    """One logit vector per block over its C(M, N) candidates, starting uniform (the official 0.02 constant).
+    """One logit vector per group over its C(M, N) candidates, starting uniform (the official 0.02 constant).
 
-    sample() draws a hard one-hot per sample and per block (straight-through gradients), and returns the
+    sample() draws a hard one-hot per sample and per group (straight-through gradients), and returns the
     per-sample layer mask (B, depth) that selects rows of the candidate matrices.
     """
 
@@ -24,7 +24,7 @@ class MaskGates(nn.Module):
         return getattr(self, f"candidates_{i}")
 
     def sample(self, uniforms, tau, scale):
-        """uniforms: per block a (B, C) tensor in (0, 1), the source of the Gumbel noise (caller-seeded)."""
+        """uniforms: per group a (B, C) tensor in (0, 1), the source of the Gumbel noise (caller-seeded)."""
         masks = []
         for i, (logit, u) in enumerate(zip(self.logits, uniforms)):
             gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1 - 1e-7)))
@@ -40,5 +40,5 @@ class MaskGates(nn.Module):
 
     @torch.no_grad()
     def decision(self):
-        """Index of the most probable candidate per block."""
+        """Index of the most probable candidate per group."""
         return [int(logit.argmax()) for logit in self.logits]

@@ -1,6 +1,6 @@
-"""Local N:M layer masks: the depth is cut into consecutive blocks of M layers, each keeping N.
+"""Local N:M layer masks: the depth is cut into consecutive groups of M layers, each keeping N.
 
-A "groups" list [[N1, M1], [N2, M2], ...] allows mixed blocks (e.g. 28 -> 19 as five 3:4 and two 2:4).
+A "groups" list [[N1, M1], [N2, M2], ...] allows mixed groups (e.g. 28 -> 19 as five 3:4 and two 2:4).
 """
 import itertools
 import json
@@ -49,13 +49,13 @@ def parse_groups(text, depth):
         if n <= 0 or m <= 0:
             raise UserError(f"--groups: [{n}, {m}] must have positive N and M")
         if n > m:
-            raise UserError(f"--groups: [{n}, {m}] keeps more layers than the block has")
+            raise UserError(f"--groups: [{n}, {m}] keeps more layers than the group has")
     if sum(m for _, m in groups) != depth:
-        raise UserError(f"--groups: block sizes sum to {sum(m for _, m in groups)}, the depth is {depth}")
+        raise UserError(f"--groups: group sizes sum to {sum(m for _, m in groups)}, the depth is {depth}")
     return groups
 
 
-def block_starts(groups):
+def group_starts(groups):
     starts, s = [], 0
     for _, m in groups:
         starts.append(s)
@@ -64,20 +64,9 @@ def block_starts(groups):
 
 
 def kept_from_choices(groups, choices):
-    """Source layer indices kept when block k picks candidate choices[k]."""
+    """Source layer indices kept when group k picks candidate choices[k]."""
     kept = []
-    for (n, m), start, c in zip(groups, block_starts(groups), choices):
+    for (n, m), start, c in zip(groups, group_starts(groups), choices):
         row = candidate_masks(n, m)[c]
         kept += [start + i for i in range(m) if row[i] > 0]
     return kept
-
-
-def validate_kept(kept, depth):
-    if not kept:
-        raise UserError("the kept layer list is empty")
-    bad = [k for k in kept if not 0 <= k < depth]
-    if bad:
-        raise UserError(f"kept indices {bad} are outside 0..{depth - 1}")
-    if len(set(kept)) != len(kept):
-        raise UserError(f"kept indices contain duplicates: {sorted(kept)}")
-    return sorted(kept)

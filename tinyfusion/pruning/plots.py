@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..checkpoint import atomic_write
-from .masks import block_starts, candidate_masks
+from .masks import group_starts, candidate_masks
 
 
 def keep_probabilities(history, groups):
@@ -10,7 +10,7 @@ def keep_probabilities(history, groups):
     depth = sum(m for _, m in groups)
     out = np.zeros((len(history), depth))
     for r, point in enumerate(history):
-        for (n, m), start, probs in zip(groups, block_starts(groups), point["probs"]):
+        for (n, m), start, probs in zip(groups, group_starts(groups), point["probs"]):
             out[r, start:start + m] = np.asarray(probs) @ candidate_masks(n, m).numpy()
     return out
 
@@ -32,7 +32,7 @@ def plot_decisions(history, groups, kept, path):
     steps = [p["step"] for p in history]
     im = ax.imshow(probs.T, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="nearest",
                    extent=[0, steps[-1], -0.5, probs.shape[1] - 0.5])
-    for start in block_starts(groups)[1:]:
+    for start in group_starts(groups)[1:]:
         ax.axhline(start - 0.5, color="white", lw=0.6)
     ax.set_yticks(range(probs.shape[1]))
     ax.set_yticklabels([f"{i}{' *' if i in kept else ''}" for i in range(probs.shape[1])], fontsize=7)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffusion.gaussian import mean_flat, normal_kl
-from ..pruning.masks import block_starts
+from ..pruning.masks import group_starts
 
 
 @dataclass
@@ -30,13 +30,13 @@ class KDWeights:
 def alignment(groups, kept):
     """(student layer, teacher layer) pairs whose hidden states are matched.
 
-    When the kept layers follow the N:M blocks (the learnable search), the last kept layer of each block
-    is matched to the output of the block's last teacher layer, as the official code does for any N:M or
-    mixed groups. Masks that ignore the blocks (score baselines) match each student layer to the teacher
+    When the kept layers follow the N:M groups (the learnable search), the last kept layer of each group
+    is matched to the output of the group's last teacher layer, as the official code does for any N:M or
+    mixed groups. Masks that ignore the groups (score baselines) match each student layer to the teacher
     output just before the next kept layer: the span of teacher layers it replaces.
     """
     pairs, student = [], 0
-    for (n, m), start in zip(groups, block_starts(groups)):
+    for (n, m), start in zip(groups, group_starts(groups)):
         inside = [k for k in kept if start <= k < start + m]
         if len(inside) != n:
             return [(j, (kept[j + 1] - 1) if j + 1 < len(kept) else sum(m for _, m in groups) - 1) for j in range(len(kept))]

@@ -8,18 +8,16 @@ modulation, gates, the residual stream, embedders and the final layer in fp32, w
 the graph: the known fp16 overflow of DiT engines, and what a strongly typed TensorRT build needs.
 """
 import copy
-import hashlib
-import json
 import logging
 import os
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import UserError, positive
 from ..models.dit import DiT
+from .onnx_common import DEFAULT_THRESHOLDS, check_parity, compare, graph_sha256, ort_session, write_parity  # noqa: F401
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPSETS = (18, 19, 20)  # LayerNormalization is one node; decomposed attention; ORT CPU and TensorRT 10.x read them
@@ -106,29 +104,6 @@ def check_input_shapes(path, config, cfg):
     return True
 
 
-def graph_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def ort_session(path, threads=None):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError("onnxruntime is not installed: pip install -e '.[onnx]'") from None
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # a corrupt file or a kernel ORT's CPU provider lacks: say which, in one line
-        raise UserError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
-
-
 class OnnxRuntimeForward:
     """(x, t, y) -> out through an ORT CPU session over a plain (non-CFG) graph."""
 
@@ -139,13 +114,6 @@ class OnnxRuntimeForward:
         feeds = {"x": x.detach().float().cpu().numpy(), "t": t.detach().float().cpu().numpy(),
                  "y": y.detach().long().cpu().numpy()}
         return torch.from_numpy(self.session.run(None, feeds)[0])
-
-
-def compare(got, want):
-    got, want = np.asarray(got, dtype=np.float64).ravel(), np.asarray(want, dtype=np.float64).ravel()
-    diff = np.abs(got - want)
-    cos = float(got @ want / max(np.linalg.norm(got) * np.linalg.norm(want), 1e-30))
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine": cos}
 
 
 def onnxruntime_parity(model, path, batches=(2, 5), cfg=False, guidance_channels=None):
@@ -163,25 +131,6 @@ def onnxruntime_parity(model, path, batches=(2, 5), cfg=False, guidance_channels
             raise UserError(f"onnxruntime returned {got.shape} at batch {batch}, PyTorch {want.shape}")
         report[f"batch{batch}"] = compare(got, want)
     return report
-
-
-# Per precision: (max_abs, mean_abs, min_cosine) against the fp32 PyTorch model. fp32 is reordering noise;
-# fp16/bf16 are the GEMMs' rounding (10 and 7 mantissa bits) on outputs of order 1.
-DEFAULT_THRESHOLDS = {"fp32": (1e-4, 1e-5, 0.99999), "fp16": (5e-2, 5e-3, 0.999), "bf16": (2e-1, 2e-2, 0.99)}
-
-
-def check_parity(report, thresholds):
-    """The (output, batch) entries that exceed a threshold, as readable strings."""
-    max_abs, mean_abs, min_cos = thresholds
-    bad = []
-    for runtime_name, per_batch in report.items():
-        for batch, m in per_batch.items():
-            if not isinstance(m, dict) or "max_abs" not in m:
-                continue
-            if m["max_abs"] > max_abs or m["mean_abs"] > mean_abs or m["cosine"] < min_cos:
-                bad.append(f"{runtime_name} {batch}: max_abs {m['max_abs']:.3g}, mean_abs {m['mean_abs']:.3g}, "
-                           f"cosine {m['cosine']:.6f}")
-    return bad
 
 
 def export_and_verify(model, out_dir, opset=18, precision="fp32", cfg=False, guidance_channels=None, batch=2,
@@ -209,13 +158,6 @@ def export_and_verify(model, out_dir, opset=18, precision="fp32", cfg=False, gui
         raise UserError(f"parity above the thresholds ({'; '.join(bad)}); the graph is kept as "
                         f"{path}.rejected, see {out_dir}/parity.json")
     return report
-
-
-def write_parity(out_dir, report):
-    tmp = os.path.join(out_dir, f"parity.json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "parity.json"))
 
 
 # The flags and the ONNX stage shared by export/onnx.py and export/trt.py.

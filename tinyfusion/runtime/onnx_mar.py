@@ -16,12 +16,15 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .onnx_export import compare, graph_sha256, ort_session
+from .onnx_common import check_parity, compare, graph_sha256, ort_session, write_parity
 
 Z_GRAPH, HEAD_GRAPH = "mar_z.onnx", "mar_head.onnx"
 
 
-class _Z(nn.Module):
+class ConditionGraph(nn.Module):
+    """The exported encoder-decoder: (tokens, mask, labels) -> the head's condition z per token, with the
+    static-shape masking (predict_z_static) a graph needs."""
+
     def __init__(self, mar):
         super().__init__()
         self.mar = mar
@@ -63,7 +66,7 @@ def export_mar(model, out_dir, opset=18):
     os.makedirs(out_dir, exist_ok=True)
     z_inputs, head_inputs = example_inputs(model, batch=2)
     b, n = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("rows", min=1, max=1 << 20)
-    z_path = _export(_Z(model), z_inputs, ["tokens", "mask", "labels"],
+    z_path = _export(ConditionGraph(model), z_inputs, ["tokens", "mask", "labels"],
                      {"tokens": {0: b}, "mask": {0: b}, "labels": {0: b}}, os.path.join(out_dir, Z_GRAPH), opset)
     head_path = _export(model.diffloss.net, head_inputs, ["x", "t", "c"], {"x": {0: n}, "t": {0: n}, "c": {0: n}},
                         os.path.join(out_dir, HEAD_GRAPH), opset)
@@ -124,7 +127,6 @@ def mar_parity(model, folder, batches=(2, 5)):
 
 def export_mar_and_verify(model, out_dir, opset, thresholds, log=print):
     """Both graphs, parity.json, and a UserError (graphs renamed *.rejected) when parity is off."""
-    from .onnx_export import check_parity, write_parity
 
     log(f"exporting a {model.config.encoder_depth}+{model.config.decoder_depth}-block MAR to {out_dir} (opset {opset})")
     paths = export_mar(model, out_dir, opset)

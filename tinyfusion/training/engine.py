@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
-from ..runlog import progress
+from .runlog import progress
 from . import precision as amp
 from .blocks import wrap_blocks
 from .state import AsyncSaver, load

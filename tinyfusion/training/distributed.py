@@ -23,7 +23,7 @@ def setup():
 
 def setup_run(global_batch_size, run_dir):
     """setup() plus what every training CLI checks first: the batch splits evenly, rank 0 can write run_dir."""
-    from .errors import UserError, writable_file
+    from ..errors import UserError, writable_file
 
     world = int(os.environ.get("WORLD_SIZE", "1"))  # checked before the process group waits for its peers
     if global_batch_size % world:

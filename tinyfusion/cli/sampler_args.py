@@ -2,9 +2,9 @@
 import torch
 from tqdm import tqdm
 
-from .diffusion import DEFAULT_STEPS, sample, samplers_for
-from .errors import UserError, positive
-from .runtime import add_backend_arg
+from ..diffusion import DEFAULT_STEPS, sample, samplers_for
+from ..errors import UserError, positive
+from ..runtime import add_backend_arg
 
 
 def default_settings(config=None):

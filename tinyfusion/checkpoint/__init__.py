@@ -12,9 +12,9 @@ import zipfile
 
 import torch
 
-from .errors import UserError
-from .models.dit import HEADS_BY_WIDTH, DiT, DiTConfig, get_2d_sincos_pos_embed
-from .models.diffusers_keys import diffusers_to_dit, dit_depth
+from ..errors import UserError
+from ..models.dit import HEADS_BY_WIDTH, DiT, DiTConfig, get_2d_sincos_pos_embed
+from ..models.diffusers_keys import diffusers_to_dit, dit_depth
 
 META_KEY = "tinyfusion"
 
@@ -172,7 +172,7 @@ def load(path, expect=None, model=None, **overrides):
     if "z_proj.weight" in sd:  # MAR's keys
         if model not in (None, "mar"):
             raise UserError(f"{path} is a MAR checkpoint; --model {model} asks for a {model.upper()}")
-        from .models.mar import mar_from_state_dict
+        from ..models.mar import mar_from_state_dict
 
         return mar_from_state_dict(sd, info, path, **overrides)
     if model == "mar":
@@ -261,3 +261,28 @@ def atomic_write(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def load_mar(path, **overrides):
+    """An official MAR checkpoint (.pth with "model_ema"/"model", EMA preferred) or our safetensors."""
+    from ..models.mar import mar_from_state_dict
+
+    sd, info = read(path)
+    return mar_from_state_dict(sd, info, path, **overrides)
+
+
+def load_trainable(path, model=None, data_path=None, cond=None):
+    """What prune and finetune train: our checkpoints (DiT, SiT, MAR; `model` names the family of an
+    ambiguous one), or a diffusers PixArt/SD3/Flux folder behind DiT's call, which needs its latents
+    (`data_path`) and a conditioning bank (`cond`). A flag that does not apply is an error, not ignored."""
+    from ..models.diffusers_denoiser import is_diffusers_transformer_folder, load_denoiser
+
+    if is_diffusers_transformer_folder(path):
+        if model:
+            raise UserError("--model dit|sit|mar applies to our checkpoints; a diffusers folder brings its own objective")
+        if not data_path:
+            raise UserError(f"{path} is a diffusers transformer: give --data-path with its latents (and --cond)")
+        return load_denoiser(path, cond)
+    if cond:
+        raise UserError("--cond applies to diffusers PixArt/SD3/Flux folders only")
+    return load(path, model=model)

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write
-from .diffusion import sample
+from ..checkpoint import atomic_write
+from ..diffusion import sample
 
 
 def spread_labels(num_samples, num_classes, seed=0):

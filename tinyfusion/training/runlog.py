@@ -4,7 +4,7 @@ import os
 import sys
 import time
 
-from .checkpoint import atomic_write
+from ..checkpoint import atomic_write
 
 
 class RunLog:
