@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..diffusion.gaussian import create_diffusion, randn_on
 from ..diffusion.guidance import guide
 from .dit import Attention, TimestepEmbedder
+from .stack_base import renumbered
 
 
 @dataclass
@@ -369,16 +370,7 @@ def prune_mar(model, kept_encoder, kept_decoder):
     cfg = copy.deepcopy(model.config)
     cfg.encoder_depth, cfg.decoder_depth = len(kept_encoder), len(kept_decoder)
     shallow = MAR(cfg).to(next(model.parameters()).device)
-    sd = {}
-    for k, v in model.state_dict().items():
-        for name, kept in (("encoder_blocks.", kept_encoder), ("decoder_blocks.", kept_decoder)):
-            if k.startswith(name):
-                idx, rest = k[len(name):].split(".", 1)
-                if int(idx) in kept:
-                    sd[f"{name}{kept.index(int(idx))}.{rest}"] = v
-                break
-        else:
-            sd[k] = v
+    sd = renumbered(model.state_dict(), {"encoder_blocks.": kept_encoder, "decoder_blocks.": kept_decoder})
     shallow.load_state_dict(sd, strict=True)
     return shallow.eval()
 

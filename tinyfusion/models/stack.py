@@ -18,7 +18,7 @@ skipped block returns (its input, arranged like its output), and how to build th
 import copy
 
 from ..errors import UserError
-from .stack_base import BlockStack  # the base lives apart: the diffusers adapters subclass it
+from .stack_base import BlockStack, renumbered  # the base lives apart: the diffusers adapters subclass it
 
 
 class DiTStack(BlockStack):
@@ -43,15 +43,7 @@ class DiTStack(BlockStack):
         cfg = copy.deepcopy(model.config)
         cfg.depth = len(kept)
         shallow = type(model)(cfg).to(next(model.parameters()).device)
-        sd = {}
-        for k, v in model.state_dict().items():
-            if k.startswith("blocks."):
-                _, idx, rest = k.split(".", 2)
-                if int(idx) in kept:
-                    sd[f"blocks.{kept.index(int(idx))}.{rest}"] = v
-            else:
-                sd[k] = v
-        shallow.load_state_dict(sd, strict=True)
+        shallow.load_state_dict(renumbered(model.state_dict(), {"blocks.": kept}), strict=True)
         return shallow.eval()
 
 

@@ -28,6 +28,22 @@ def validate_kept(kept, depth):
     return sorted(kept)
 
 
+def renumbered(state_dict, kept_by_prefix):
+    """The state dict of a shallow model: under each block-list prefix (e.g. "blocks."), only the kept
+    blocks, renumbered 0..len(kept)-1 in order; every other entry as it is."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix, kept in kept_by_prefix.items():
+            if k.startswith(prefix):
+                idx, rest = k[len(prefix):].split(".", 1)
+                if int(idx) in kept:
+                    out[f"{prefix}{kept.index(int(idx))}.{rest}"] = v
+                break
+        else:
+            out[k] = v
+    return out
+
+
 class BlockStack:
     """Base adapter. Subclasses set `family` and implement stacks, passthrough and build."""
 
