@@ -245,3 +245,18 @@ def test_onnx_export_of_a_pruned_mar_and_sampling_through_onnxruntime(tmp_path):
     assert r.returncode == 2 and "without --cfg" in r.stderr and "Traceback" not in r.stderr
     r = tool("trt.py", "--ckpt", str(ckpt), "--out", str(tmp_path / "y"))
     assert r.returncode == 2 and "the TensorRT path covers DiT and SiT" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mar_samples_under_autocast_in_low_precision(dtype):
+    """A MAR draws fp32 noise and token state inside its own loop: in low precision it runs under autocast
+    (fp32 weights, GEMMs in dtype), its samples near the fp32 ones, the caller's model untouched."""
+    from tinyfusion import runtime
+    from tinyfusion.diffusion import sample
+
+    m = tiny_mar()
+    labels = torch.tensor([0, 1, 2])
+    want = sample(m, labels, None, "mar", 4, cfg_scale=1.5, seed=3)
+    got = sample(runtime.load(m, "eager", dtype=dtype), labels, None, "mar", 4, cfg_scale=1.5, seed=3)
+    assert got.dtype == torch.float32 and next(m.parameters()).dtype == torch.float32
+    assert ((got - want).abs().max() / want.abs().max()).item() < 5e-2

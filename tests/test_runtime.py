@@ -72,3 +72,44 @@ def test_evaluate_and_sample_take_backend(tmp_path, capsys):
     assert cpp_grid.shape == eager_grid.shape and np.abs(cpp_grid - eager_grid).max() <= 1
     code, _, err = run_main(sample_main, ["--backend", "nope", "--out", str(tmp_path / "h.png")], capsys)
     assert_one_line_error(code, err, "--backend")
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_low_precision_runtime_samples_in_fp32_state(dtype, bound, sampler):
+    """A bf16/fp16 Runtime under the fp32 samplers (guided): fp32 noise goes in (a model in its own dtype
+    used to crash on it), fp32 comes out, the samples stay within the dtype's rounding of the fp32 ones,
+    and the caller's model is left in fp32 (Module.to works in place)."""
+    model = tiny_dit(depth=2)
+    labels = torch.tensor([0, 1, 4])
+    want = sample(model, labels, (4, 8, 8), sampler, 5, cfg_scale=1.5, seed=3)
+    rt = runtime.load(model, "eager", dtype=dtype)
+    got = sample(rt, labels, (4, 8, 8), sampler, 5, cfg_scale=1.5, seed=3)
+    assert rt.dtype == dtype and next(model.parameters()).dtype == torch.float32
+    assert got.dtype == torch.float32
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert 0 < err < bound, err
+
+
+def test_sample_and_evaluate_take_dtype_and_device(tmp_path, capsys):
+    """--dtype bf16 on the CPU samples and evaluates (fp32 samples from a bf16 model); a CUDA device that
+    is not there is one line, before any output."""
+    import json
+
+    from tinyfusion.evaluate import main as evaluate_main
+    from tinyfusion.sample import main as sample_main
+
+    code, _, err = run_main(sample_main, ["--steps", "3", "--dtype", "bf16", "--per-class", "1",
+                                          "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 0 and (tmp_path / "g.png").exists(), err
+    code, _, err = run_main(evaluate_main, ["--samples", "20", "--steps", "3", "--dtype", "bf16", "--splits", "2",
+                                            "--json", str(tmp_path / "m.json")], capsys)
+    assert code == 0, err
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert 0 <= m["class_accuracy"] <= 1 and m["digits_fid"] > 0
+    if not torch.cuda.is_available():
+        code, _, err = run_main(sample_main, ["--device", "cuda", "--out", str(tmp_path / "c.png")], capsys)
+        assert_one_line_error(code, err, "CUDA is not available")
+        assert not (tmp_path / "c.png").exists()
+    code, _, err = run_main(sample_main, ["--backend", "cpp", "--dtype", "bf16", "--out", str(tmp_path / "d.png")], capsys)
+    assert_one_line_error(code, err, "float32 on the CPU")

@@ -18,11 +18,11 @@ import json
 import os
 import time
 
-from . import checkpoint, runtime
+from . import checkpoint
 from .errors import Parser, UserError, cli, positive, writable_file
 from .eval.inception import WEIGHTS_NAME
 from .eval.digits_metrics import balanced_labels, digits_metrics, format_metrics
-from .cli.sampler_args import add_sampler_args, sample_batched, sampler_settings
+from .cli.sampler_args import add_sampler_args, device_and_dtype, load_runtime, sample_batched, sampler_settings
 
 
 def require_digits_model(model, path):
@@ -46,7 +46,9 @@ def evaluate(model, num_samples, settings, batch_size=500, splits=20):
 def evaluate_adm(args):
     from .eval.adm import evaluate_npz
 
-    metrics = evaluate_npz(args.ref, args.samples, args.inception, batch_size=min(args.batch_size, 64))
+    device, _ = device_and_dtype(args)  # Inception and the k-NN distances run there, in fp32
+    metrics = evaluate_npz(args.ref, args.samples, args.inception, batch_size=min(args.batch_size, 256 if device.type == "cuda" else 64),
+                           device=device)
     metrics.update(ref=args.ref, samples=args.samples)
     print(f"FID {metrics['fid']:.3f}   sFID {metrics['sfid']:.3f}   IS {metrics['inception_score']:.2f}   "
           f"precision {metrics['precision']:.4f}   recall {metrics['recall']:.4f}   ({metrics['num_samples']} samples, "
@@ -85,7 +87,7 @@ def main(argv=None):
     model = checkpoint.load(args.ckpt, model=args.model)
     settings = sampler_settings(args, config=model.config)
     require_digits_model(model, args.ckpt)
-    model = runtime.load(model, args.backend)
+    model = load_runtime(model, args)
     metrics = evaluate(model, args.samples, settings, args.batch_size, args.splits)
     metrics["ckpt"] = args.ckpt
     print(format_metrics(metrics))

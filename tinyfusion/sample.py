@@ -12,9 +12,9 @@ AutoencoderKL folder, to decode.
 
 import torch
 
-from . import checkpoint, runtime
+from . import checkpoint
 from .errors import Parser, UserError, cli, positive, writable_file
-from .cli.sampler_args import add_sampler_args, sample_batched, sampler_settings
+from .cli.sampler_args import add_sampler_args, load_runtime, sample_batched, sampler_settings
 
 
 def to_grid(images, rows, upscale=4):
@@ -50,22 +50,30 @@ def sample_npz(args, model, settings, vae):
 
     rank, world, device = distributed.setup()
     try:
-        decode = None
-        if vae is not None:
-            from .data.vae import decode as vae_decode
-
-            vae = vae.to(device)
-            decode = lambda z: torch.cat([vae_decode(vae, c.to(device)).cpu() for c in z.split(8)])  # noqa: E731
-        rt = runtime.load(model, args.backend, device=device)
+        rt = load_runtime(model, args, default_device=device)  # under torchrun: this rank's GPU
+        where = next(rt.parameters()).device
+        decode = None if vae is None else vae_decoder(vae, where)
         kept = sample_to_npz(rt, args.num_samples, settings, args.batch_size, args.npz, rank, world, decode,
                              progress=rank == 0)
-        distributed.barrier()
+        # ranks finish their last chunk up to a chunk apart: wait on a gloo group that can wait hours (NCCL's
+        # watchdog would end a barrier after its 10-minute default), and again while rank 0 packs
+        distributed.wait_for_all()
         if rank == 0:
             shape = pack_npz(args.npz, args.num_samples, args.batch_size)
             print(f"wrote {args.npz}: arr_0 {shape} uint8 ({settings['name']} {settings['steps']} steps, "
                   f"cfg {settings['cfg_scale']}; {world} ranks, {kept} chunks of rank 0 kept from an earlier run)")
+        distributed.wait_for_all()
     finally:
         distributed.cleanup()
+
+
+def vae_decoder(vae, device, batch=32):
+    """latents (N, C, h, w) on `device` -> images (N, 3, H, W) in [-1, 1] on `device`, decoded there in
+    batches by an fp32 VAE (an fp16 SD VAE overflows)."""
+    from .data.vae import decode
+
+    vae = vae.to(device)
+    return lambda z: torch.cat([decode(vae, c.float()) for c in z.split(batch)])
 
 
 @cli
@@ -104,11 +112,11 @@ def main(argv=None):
         return sample_npz(args, model, settings, vae)
     classes = parse_classes(args.classes, model.config.num_classes)
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
-    images = sample_batched(runtime.load(model, args.backend), labels, settings, args.batch_size)
+    rt = load_runtime(model, args)
+    images = sample_batched(rt, labels, settings, args.batch_size)
     if vae is not None:
-        from .data.vae import decode
-
-        images = torch.cat([decode(vae, chunk) for chunk in images.split(8)])
+        where = next(rt.parameters()).device
+        images = vae_decoder(vae, where)(images.to(where)).cpu()
     grid = to_grid(images, rows=len(classes), upscale=args.upscale if vae is None else 1)
     checkpoint.atomic_write(args.out, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     print(f"wrote {args.out} ({len(classes)} classes x {args.per_class}, {settings['name']} {settings['steps']} steps, cfg {settings['cfg_scale']})")

@@ -2,6 +2,7 @@
 import torch
 from tqdm import tqdm
 
+from .. import runtime
 from ..diffusion import DEFAULT_STEPS, sample, samplers_for
 from ..errors import UserError, positive
 from ..runtime import add_backend_arg
@@ -36,6 +37,44 @@ def add_sampler_args(p):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=positive(), default=500, help="samples per forward batch")
     add_backend_arg(g)
+    g.add_argument("--device", help="where the model runs (default: cuda when there is a GPU, else cpu; the cpp and "
+                                    "onnxruntime backends run on the cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="the model's weights and activations (default auto: bf16 on CUDA, fp32 on the cpu and for the "
+                        "cpp, onnxruntime and tensorrt backends); the sampler's state stays fp32")
+
+
+CPU_BACKENDS = ("cpp", "onnxruntime")
+FP32_BACKENDS = ("cpp", "onnxruntime", "tensorrt")
+
+
+def device_and_dtype(args, default_device=None):
+    """(device, torch dtype) from --device/--dtype and the backend; one line when they cannot work."""
+    from ..training.precision import DTYPES, configure_tf32
+
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UserError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    elif args.backend in CPU_BACKENDS:
+        device = torch.device("cpu")
+    else:
+        device = torch.device(default_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here")
+    if args.dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" and args.backend not in FP32_BACKENDS else "fp32"
+    else:
+        dtype = args.dtype
+    configure_tf32(device, True)  # fp32 on CUDA: TF32 GEMMs, as the official sampling scripts run
+    return device, DTYPES[dtype]
+
+
+def load_runtime(model, args, default_device=None):
+    """The model on the backend, device and dtype the flags name."""
+    device, dtype = device_and_dtype(args, default_device)
+    return runtime.load(model, args.backend, device=device, dtype=dtype)
 
 
 def sampler_settings(args, default=None, config=None):
@@ -65,10 +104,12 @@ def sample_batched(model, labels, settings, batch_size, desc="sampling"):
     c = model.config
     shape = (c.in_channels, c.input_size, c.input_size)
     gc = None if settings["guidance_channels"] == "all" else 3
+    device = next(model.parameters()).device  # the noise is drawn where the model runs
     out = []
     chunks = labels.split(batch_size)
     with tqdm(total=len(chunks) * settings["steps"], desc=desc, dynamic_ncols=True) as bar:
         for i, chunk in enumerate(chunks):
-            out.append(sample(model, chunk, shape, settings["name"], settings["steps"], settings["cfg_scale"], gc,
-                              seed=settings["seed"] + i, progress=bar, temperature=settings.get("temperature", 1.0)))
+            x = sample(model, chunk.to(device), shape, settings["name"], settings["steps"], settings["cfg_scale"], gc,
+                       seed=settings["seed"] + i, progress=bar, temperature=settings.get("temperature", 1.0))
+            out.append(x.float().cpu())
     return torch.cat(out)

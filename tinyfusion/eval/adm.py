@@ -51,9 +51,10 @@ def _sq_dists(a, b):
 
 
 def knn_radii(features, k=3, batch=10000):
-    """Squared distance of each point to its k-th nearest neighbour (the point itself excluded)."""
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    out = torch.empty(len(x))
+    """Squared distance of each point to its k-th nearest neighbour (the point itself excluded), computed
+    where the features are (a tensor on the GPU stays there)."""
+    x = features if torch.is_tensor(features) else torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    out = torch.empty(len(x), device=x.device)
     for i in range(0, len(x), batch):
         out[i:i + batch] = _sq_dists(x[i:i + batch], x).kthvalue(k + 1, dim=1).values
     return out
@@ -61,7 +62,7 @@ def knn_radii(features, k=3, batch=10000):
 
 def _inside(points, centers, radii, batch):
     """For each point: is it inside some center's ball?"""
-    inside = torch.zeros(len(points), dtype=torch.bool)
+    inside = torch.zeros(len(points), dtype=torch.bool, device=points.device)
     for i in range(0, len(points), batch):
         for j in range(0, len(centers), batch):
             d = _sq_dists(points[i:i + batch], centers[j:j + batch])
@@ -69,10 +70,11 @@ def _inside(points, centers, radii, batch):
     return inside
 
 
-def precision_recall(ref, sample, k=3, batch=10000):
-    """ADM's improved precision/recall (k = 3): samples inside the reference manifold, and the converse."""
-    ref = torch.as_tensor(np.asarray(ref), dtype=torch.float32)
-    sample = torch.as_tensor(np.asarray(sample), dtype=torch.float32)
+def precision_recall(ref, sample, k=3, batch=10000, device="cpu"):
+    """ADM's improved precision/recall (k = 3): samples inside the reference manifold, and the converse;
+    the distance blocks run on `device`."""
+    ref = torch.as_tensor(np.asarray(ref), dtype=torch.float32).to(device)
+    sample = torch.as_tensor(np.asarray(sample), dtype=torch.float32).to(device)
     r_ref, r_sample = knn_radii(ref, k, batch), knn_radii(sample, k, batch)
     precision = _inside(sample, ref, r_ref, batch).double().mean().item()
     recall = _inside(ref, sample, r_sample, batch).double().mean().item()
@@ -127,7 +129,7 @@ def evaluate_npz(ref_path, sample_path, inception_path, batch_size=64, device="c
                         f"and {len(samples)} samples")
     mu, sigma, mu_s, sigma_s, ref_pool = cached_reference_stats(ref_path, model, batch_size, device)
     pool, spatial, probs = features(model, samples, batch_size, device)
-    precision, recall = precision_recall(ref_pool, pool)
+    precision, recall = precision_recall(ref_pool, pool, device=device)
     return {"fid": frechet_distance(*gaussian_stats(pool), mu, sigma),
             "sfid": frechet_distance(*gaussian_stats(spatial), mu_s, sigma_s),
             "inception_score": inception_score(probs), "precision": precision, "recall": recall,

@@ -27,7 +27,9 @@ BACKENDS = {
 
 
 class Runtime:
-    """A DiT forward on one backend, with the attributes the samplers read."""
+    """A DiT forward on one backend, with the attributes the samplers read. The model runs in its dtype;
+    inputs are cast to it and outputs come back fp32, so a sampler's state (x_t, the schedule arithmetic,
+    the guidance combine) stays fp32 whatever the model's precision."""
 
     def __init__(self, model: DiT, forward, backend: str):
         self.model = model
@@ -35,18 +37,38 @@ class Runtime:
         self.in_channels = model.in_channels
         self.out_channels = model.out_channels
         self.backend = backend
+        self.dtype = next(model.parameters()).dtype
         self._forward = forward
+
+    def _fp32_forward(self, x, t, y):
+        return self._forward(x.to(self.dtype), t, y).float()  # no-ops for an fp32 model
 
     @torch.no_grad()
     def __call__(self, x, t, y):
-        return self._forward(x, t, y)
+        return self._fp32_forward(x, t, y)
 
     @torch.no_grad()
     def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels=None):
-        return forward_with_cfg(self._forward, self.in_channels, x, t, y, cfg_scale, guidance_channels)
+        return forward_with_cfg(self._fp32_forward, self.in_channels, x, t, y, cfg_scale, guidance_channels)
 
     def parameters(self):
         return self.model.parameters()
+
+
+class AutocastSampler:
+    """A model that samples itself (MAR, whose loop draws fp32 noise and token state inside) run under
+    autocast: fp32 weights and state, its GEMMs in `dtype`. Everything else is the model's."""
+
+    def __init__(self, model, dtype):
+        self.model, self.dtype = model, dtype
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    @torch.no_grad()
+    def sample(self, *args, **kwargs):
+        with torch.autocast(next(self.model.parameters()).device.type, dtype=self.dtype):
+            return self.model.sample(*args, **kwargs)
 
 
 def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Runtime:
@@ -57,6 +79,9 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Run
         raise UserError(f"the {backend} backend runs float32 on the CPU, not {dtype} on {device}")
     if isinstance(ckpt, torch.nn.Module):
         model = ckpt
+        p = next(model.parameters())
+        if p.device != torch.device(device) or p.dtype != dtype:
+            model = copy.deepcopy(model)  # Module.to works in place: the caller's model stays as it was
     else:
         from ..checkpoint import load as load_checkpoint
 
@@ -67,7 +92,8 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Run
         if backend != "eager":
             raise UserError(f"the {backend} backend runs DiT/SiT models; a {type(model).__name__} runs eager or "
                             "onnxruntime")
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model = model.to(device=device).eval().requires_grad_(False)
+        return model if dtype == torch.float32 else AutocastSampler(model, dtype)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if backend == "eager":
         forward = model.forward

@@ -39,9 +39,28 @@ def barrier():
         dist.barrier()
 
 
+_patient = None  # the gloo group wait_for_all uses, made on first use (every rank calls it together)
+
+
+def wait_for_all(hours=48):
+    """A barrier that can wait hours, on a gloo group of its own: after uneven work (sampling chunks that
+    do not divide among the ranks, rank 0 packing the result) NCCL's watchdog would end a plain barrier
+    after its timeout (10 minutes by default) and take the job down."""
+    global _patient
+    if not dist.is_initialized():
+        return
+    if _patient is None:
+        from datetime import timedelta
+
+        _patient = dist.new_group(backend="gloo", timeout=timedelta(hours=hours))
+    dist.barrier(group=_patient)
+
+
 def cleanup():
     """Every rank waits for the others (rank 0 may still be writing artifacts) before the group goes: a rank
     that tears gloo down early makes a late one abort on a closed pair."""
+    global _patient
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the patient one too
+        _patient = None
