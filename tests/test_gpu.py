@@ -124,3 +124,26 @@ def test_sampling_defaults_to_the_gpu_in_bf16_and_stays_near_fp32(tmp_path):
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(200, 16)).astype(np.float32)
     assert precision_recall(a, b, device="cuda") == pytest.approx(precision_recall(a, b), abs=1e-9)
+
+
+def test_kernels_index_past_two_to_the_31_elements():
+    """int64 offsets: bias+GELU at DiT-XL/2's fc1 width past batch 1821 and LayerNorm+modulate past batch
+    7282 (2^31 elements each, bf16): the rows beyond the int32 range come out like the first ones (with
+    int32 offsets they would wrap and read or overwrite the start of the tensor)."""
+    cols = 4608
+    rows = (2 ** 31) // cols + 4096
+    h = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
+    head, tail = h[:64].clone(), h[-64:].clone()
+    ops.bias_gelu_(h, bias)
+    for got, before in ((h[:64], head), (h[-64:], tail)):
+        want = F.gelu(before.float() + bias.float(), approximate="tanh")
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    del h
+    d, n = 1152, 256
+    b = (2 ** 31) // (n * d) + 8
+    x = torch.randn(b, n, d, device="cuda", dtype=torch.bfloat16)
+    shift, scale = rand(b, d, dtype=torch.bfloat16, scale=0.5), rand(b, d, dtype=torch.bfloat16, scale=0.5)
+    y = ops.ln_modulate(x, shift, scale)
+    for sl in (slice(0, 2), slice(b - 2, b)):
+        torch.testing.assert_close(y[sl].float(), ref_ln_mod(x[sl], shift[sl], scale[sl]), rtol=8e-2, atol=8e-2)

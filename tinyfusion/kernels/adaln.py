@@ -21,7 +21,7 @@ def modulated_norm(x, m, cols, D, eps, SHIFT, SCALE):
 @triton.jit
 def ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, MEAN, RSTD, tokens, D, s_shift, s_scale, eps,
                            BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: row * D passes 2^31 at DiT-XL/2 batch 7282
     b = row // tokens
     cols = tl.arange(0, BLOCK)
     m = cols < D
@@ -36,7 +36,7 @@ def ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, MEAN, RSTD, tokens, D, s_shift, s
 def ln_modulate_bwd_kernel(DY, X, SCALE, MEAN, RSTD, DX, DSCALE_ROWS, tokens, D, s_scale,
                            BLOCK: tl.constexpr):
     """dx per row; dy * xhat per row (summed over tokens afterwards into dscale; dshift is sum of dy)."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: row * D passes 2^31 at DiT-XL/2 batch 7282
     b = row // tokens
     cols = tl.arange(0, BLOCK)
     m = cols < D
@@ -59,7 +59,7 @@ def residual_ln_modulate_kernel(X, BRANCH, BIAS, GATE, SHIFT, SCALE, X_OUT, Y, t
                                 s_scale, eps, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """x_out = x + gate * (branch + bias); y = LN(x_out) * (1 + scale) + shift. X_OUT may alias X and
     Y may alias BRANCH: each program reads its whole row before it writes it."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64 offsets: row * D passes 2^31 at DiT-XL/2 batch 7282
     b = row // tokens
     cols = tl.arange(0, BLOCK)
     m = cols < D

@@ -14,7 +14,7 @@ def flash_attention_fwd_kernel(Q, K, V, O, sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, s
                                H, N, HEAD_DIM, sm_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: b * stride passes 2^31 at DiT-XL/2 batch 2428 (qkv views)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
