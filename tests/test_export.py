@@ -211,3 +211,40 @@ def test_scripts_run_as_processes(script):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "export", script), "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
+
+
+def test_external_data_keeps_its_name_and_is_hashed(tmp_path):
+    """A graph whose weights live beside it (as every graph over 2 GiB does): the weights file carries the
+    graph's final name (saving to a temporary name and renaming left the graph pointing at that name), no
+    temporary file or folder is left, onnxruntime runs it from its folder, the graph hash covers the
+    weights (an edited weights file changes the engine-cache key) and trt.py's check reads it by path."""
+    from conftest import script_module
+
+    model = tiny_dit(depth=2)
+    path = onnx_export.export_onnx(model, str(tmp_path / "model.onnx"), external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    from tinyfusion.runtime.onnx_common import external_data_files
+
+    assert external_data_files(path) == [str(tmp_path / "model.onnx.data")]
+    x, t, y = inputs(model.config, n=3)
+    assert max_rel_err(ort_forward(path, x, t, y), model(x, t, y)) < 1e-5
+    before = onnx_export.graph_sha256(path)
+    data = bytearray((tmp_path / "model.onnx.data").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "model.onnx.data").write_bytes(bytes(data))
+    assert onnx_export.graph_sha256(path) != before
+    shapes = script_module("export", "trt").validate_onnx(path)
+    assert shapes["x"] == (4, 8, 8)
+
+
+def test_tensorrt_profile_and_timing_cache_follow_the_run():
+    """The runtime's engine profile reaches the sampler's CFG batch (a fixed max of 512 failed the default
+    --batch-size 500 doubled to 1000), and timing caches are kept per TensorRT version and GPU."""
+    from tinyfusion.runtime.tensorrt import batch_profile, timing_cache_path
+
+    assert batch_profile(1000) == (1, 500, 1000) and batch_profile(1) == (1, 1, 1)
+    with pytest.raises(UserError, match="positive batch"):
+        batch_profile(0)
+    a = timing_cache_path("/c", "10.13", "NVIDIA H200")
+    assert a == "/c/timing-trt10.13-NVIDIA-H200.cache"
+    assert len({a, timing_cache_path("/c", "10.14", "NVIDIA H200"), timing_cache_path("/c", "10.13", "A100")}) == 3

@@ -74,7 +74,7 @@ def device_and_dtype(args, default_device=None):
 def load_runtime(model, args, default_device=None):
     """The model on the backend, device and dtype the flags name."""
     device, dtype = device_and_dtype(args, default_device)
-    return runtime.load(model, args.backend, device=device, dtype=dtype)
+    return runtime.load(model, args.backend, device=device, dtype=dtype, max_batch=2 * args.batch_size)
 
 
 def sampler_settings(args, default=None, config=None):

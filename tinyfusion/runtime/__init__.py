@@ -71,8 +71,9 @@ class AutocastSampler:
             return self.model.sample(*args, **kwargs)
 
 
-def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Runtime:
-    """`ckpt` is a checkpoint path (any format `tinyfusion.load` reads) or a DiT module."""
+def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32, max_batch=1024) -> Runtime:
+    """`ckpt` is a checkpoint path (any format `tinyfusion.load` reads) or a DiT module. `max_batch`: the
+    largest batch an exported engine (tensorrt) must take; a sampler's batch doubled by CFG."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend in ("cpp", "onnxruntime") and (torch.device(device).type != "cpu" or dtype != torch.float32):
@@ -115,7 +116,7 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32) -> Run
         ops = triton_ops(device)
         forward = FusedForward(model, ops, ops.attention)
     else:
-        forward = exported_forward(model, backend)
+        forward = exported_forward(model, backend, max_batch)
     return Runtime(model, forward, backend)
 
 
@@ -148,8 +149,9 @@ def mar_onnxruntime(model):
     return rt
 
 
-def exported_forward(model, backend):
-    """Export to a private folder (kept while the forward lives), then onnxruntime or a TensorRT engine."""
+def exported_forward(model, backend, max_batch=1024):
+    """Export to a private folder (kept while the forward lives), then onnxruntime or a TensorRT engine
+    whose profile reaches `max_batch` (a sampler's batch doubled by CFG)."""
     import tempfile
 
     from . import onnx_export
@@ -158,16 +160,17 @@ def exported_forward(model, backend):
     if backend == "tensorrt":
         from . import tensorrt
 
-        tensorrt.require_tensorrt()  # fail before the export when TensorRT or the GPU is missing
-    path = onnx_export.export_onnx(model, os.path.join(folder.name, "model.onnx"))
+        trt, gpu = tensorrt.require_tensorrt()  # fail before the export when TensorRT or the GPU is missing
+    source = copy.deepcopy(model).cpu() if next(model.parameters()).is_cuda else model  # traced on the CPU
+    path = onnx_export.export_onnx(source, os.path.join(folder.name, "model.onnx"))
     if backend == "onnxruntime":
         forward = onnx_export.OnnxRuntimeForward(path, threads=torch.get_num_threads())
     else:
         c = model.config
         shapes = {"x": (c.in_channels, c.input_size, c.input_size), "t": (), "y": ()}
         cache = os.path.expanduser("~/.cache/tinyfusion/tensorrt")  # safe to share: keyed by graph, GPU, version
-        engine = tensorrt.build_engine(path, (1, 16, 512), shapes, cache, os.path.join(cache, "timing.cache"),
-                                       "fp32", log=lambda _: None)
+        engine = tensorrt.build_engine(path, tensorrt.batch_profile(max_batch), shapes, cache,
+                                       tensorrt.timing_cache_path(cache, trt.__version__, gpu), "fp32")
         forward = tensorrt.TensorRTForward(engine)
     forward.folder = folder  # the graph's files live as long as the forward
     return forward

@@ -10,11 +10,24 @@ from ..errors import UserError
 
 
 def graph_sha256(path):
+    """SHA-256 of the graph file and of every external-data file it names (a large graph keeps its weights
+    beside it: hashing the .onnx alone would miss an edit of the weights)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for p in [path, *external_data_files(path)]:
+        h.update(os.path.basename(p).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
+
+
+def external_data_files(path):
+    """The files a graph's initializers live in, beside it (none for a self-contained graph)."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    names = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+    return [os.path.join(os.path.dirname(os.path.abspath(path)), n) for n in sorted(names)]
 
 
 def ort_session(path, threads=None):

@@ -10,6 +10,7 @@ the graph: the known fp16 overflow of DiT engines, and what a strongly typed Ten
 import copy
 import logging
 import os
+import tempfile
 import warnings
 
 import torch
@@ -64,8 +65,10 @@ def input_names(cfg):
     return ["x", "t", "y", "cfg_scale"] if cfg else ["x", "t", "y"]
 
 
-def export_onnx(model, path, opset=18, precision="fp32", cfg=False, guidance_channels=None, batch=2):
-    """Write `path` (atomically) and re-check the saved graph's inputs: batch dynamic, the rest static."""
+def export_onnx(model, path, opset=18, precision="fp32", cfg=False, guidance_channels=None, batch=2,
+                external_data=None):
+    """Write `path` (atomically) and re-check the saved graph's inputs: batch dynamic, the rest static.
+    Weights go to `path`.data beside it when the graph would pass protobuf's 2 GiB (or `external_data`)."""
     if opset not in OPSETS:
         raise UserError(f"opset {opset} is not supported; choose from {', '.join(map(str, OPSETS))}")
     if batch < 2:
@@ -74,14 +77,19 @@ def export_onnx(model, path, opset=18, precision="fp32", cfg=False, guidance_cha
     inputs = example_inputs(model.config, batch, cfg)
     b = torch.export.Dim("batch", min=1, max=4096)
     shapes = {"x": {0: b}, "t": {0: b}, "y": {0: b}, "cfg_scale": None} if cfg else {"x": {0: b}, "t": {0: b}, "y": {0: b}}
-    tmp = f"{path}.tmp{os.getpid()}"
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" is not ours to print
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, inputs, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                                     input_names=input_names(cfg), output_names=["out"], verbose=False)
-        program.save(tmp)
-    os.replace(tmp, path)
+    # Saved under its final file name in a private folder, then moved: the graph records its weights file
+    # by name, so saving to a temporary name would leave it pointing at that name after the rename.
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-export-") as tmp:
+        staged = os.path.join(tmp, os.path.basename(path))
+        program.save(staged, external_data=external_data)
+        for name in sorted(os.listdir(tmp), key=lambda n: n == os.path.basename(path)):  # the graph last
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     check_input_shapes(path, model.config, cfg)
     return path
 

@@ -31,6 +31,20 @@ def engine_cache_key(onnx_sha256, profile, precision, trt_version, gpu_name):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def batch_profile(max_batch):
+    """(min, opt, max) batch sizes an engine is built for, from the largest batch it will see (a sampler's
+    batch, doubled by CFG): an engine's profile below that batch fails at run time."""
+    if max_batch < 1:
+        raise UserError(f"a TensorRT profile needs a positive batch, got {max_batch}")
+    return 1, max(1, max_batch // 2), max_batch
+
+
+def timing_cache_path(folder, trt_version, gpu_name):
+    """A timing cache per TensorRT version and GPU: one shared file would be overwritten by each node's."""
+    gpu = "".join(c if c.isalnum() else "-" for c in gpu_name)
+    return os.path.join(folder, f"timing-trt{trt_version}-{gpu}.cache")
+
+
 def require_tensorrt():
     """The tensorrt module and the GPU name, or a one-line UserError saying what is missing."""
     try:
@@ -44,7 +58,7 @@ def require_tensorrt():
 
 def build_engine(onnx_path, profile, input_shapes, engine_dir, timing_cache, precision, log=print):
     """The engine file for this graph and profile: from the cache when its key matches, else built."""
-    from .onnx_export import graph_sha256
+    from .onnx_common import graph_sha256
 
     trt, gpu = require_tensorrt()
     key = engine_cache_key(graph_sha256(onnx_path), profile, precision, trt.__version__, gpu)
@@ -68,7 +82,11 @@ def build_engine(onnx_path, profile, input_shapes, engine_dir, timing_cache, pre
     config.add_optimization_profile(opt_profile)
     cache_bytes = open(timing_cache, "rb").read() if os.path.isfile(timing_cache) else b""
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # another GPU's or version's cache
+        log(f"timing cache {timing_cache} does not match this GPU or TensorRT version: building without it")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    log(f"building a TensorRT engine from {onnx_path} (batch {profile[0]}..{profile[2]}, {precision}); "
+        "this takes minutes")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise UserError(f"TensorRT could not build an engine from {onnx_path} (see its log above)")
@@ -96,19 +114,26 @@ class TensorRTForward:
             raise UserError(f"{engine_path} does not deserialize with TensorRT {trt.__version__}: rebuild it")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.inputs = {n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        to_torch = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                    trt.int32: torch.int32, trt.int64: torch.int64}
+        self.dtypes = {n: to_torch[self.engine.get_tensor_dtype(n)] for n in names}  # what the engine declares
 
     def __call__(self, *tensors):
-        dtypes = {"x": torch.float32, "t": torch.float32, "y": torch.int64, "cfg_scale": torch.float32}
-        feeds = {n: v.to("cuda", dtypes[n]).contiguous() for n, v in zip(self.inputs, tensors)}
+        # bound by name (the call is (x, t, y[, cfg_scale]), whatever order the engine lists its inputs in)
+        feeds = dict(zip(["x", "t", "y", "cfg_scale"], tensors))
+        if set(feeds) != self.inputs:
+            raise UserError(f"the engine takes {sorted(self.inputs)}, got {sorted(feeds)}")
+        feeds = {n: v.to("cuda", self.dtypes[n]).contiguous() for n, v in feeds.items()}
         for name, value in feeds.items():
-            self.context.set_input_shape(name, tuple(value.shape))
+            if not self.context.set_input_shape(name, tuple(value.shape)):
+                raise UserError(f"{name} of shape {tuple(value.shape)} is outside the engine's optimization profile "
+                                "(rebuild it for a larger batch)")
             self.context.set_tensor_address(name, value.data_ptr())
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device="cuda", dtype=torch.float32)
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device="cuda", dtype=self.dtypes[self.output])
         self.context.set_tensor_address(self.output, out.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        # enqueued on torch's current stream, so what follows on that stream is ordered after it: no host sync
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
             raise RuntimeError("TensorRT execution failed")
-        stream.synchronize()
         return out
