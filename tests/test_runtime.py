@@ -113,3 +113,13 @@ def test_sample_and_evaluate_take_dtype_and_device(tmp_path, capsys):
         assert not (tmp_path / "c.png").exists()
     code, _, err = run_main(sample_main, ["--backend", "cpp", "--dtype", "bf16", "--out", str(tmp_path / "d.png")], capsys)
     assert_one_line_error(code, err, "float32 on the CPU")
+
+
+def test_cuda_graphs_refuse_what_cannot_be_captured():
+    """CUDA graphs need a CUDA device and a backend whose forward can be captured: anything else is one
+    line, not a flag silently ignored (the replay itself is tested in test_gpu.py)."""
+    model = tiny_dit(depth=1)
+    with pytest.raises(UserError, match="CUDA graphs need a CUDA device"):
+        runtime.load(model, "eager", device="cpu", cuda_graphs=True)
+    with pytest.raises(UserError, match="not onnxruntime"):
+        runtime.load(model, "onnxruntime", device="cuda", cuda_graphs=True)

@@ -42,6 +42,8 @@ def add_sampler_args(p):
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="the model's weights and activations (default auto: bf16 on CUDA, fp32 on the cpu and for the "
                         "cpp, onnxruntime and tensorrt backends); the sampler's state stays fp32")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each forward from a CUDA graph (eager, compile, triton on a GPU): one launch per step")
 
 
 CPU_BACKENDS = ("cpp", "onnxruntime")
@@ -74,7 +76,8 @@ def device_and_dtype(args, default_device=None):
 def load_runtime(model, args, default_device=None):
     """The model on the backend, device and dtype the flags name."""
     device, dtype = device_and_dtype(args, default_device)
-    return runtime.load(model, args.backend, device=device, dtype=dtype, max_batch=2 * args.batch_size)
+    return runtime.load(model, args.backend, device=device, dtype=dtype, max_batch=2 * args.batch_size,
+                        cuda_graphs=args.cuda_graphs)
 
 
 def sampler_settings(args, default=None, config=None):

@@ -55,6 +55,38 @@ class Runtime:
         return self.model.parameters()
 
 
+class CudaGraphForward:
+    """A forward replayed from CUDA graphs, one per input shape and dtype: each call copies its inputs into
+    the graph's static buffers, replays, and returns a copy of the graph's output (the next replay
+    overwrites it). A sampling step then costs one launch per forward, not one per kernel."""
+
+    def __init__(self, forward, warmup=2):
+        self.forward, self.warmup, self.graphs = forward, warmup, {}
+
+    def capture(self, inputs):
+        static = [v.clone() for v in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (lazy init, autotuning, allocator pools)
+            for _ in range(self.warmup):
+                self.forward(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.forward(*static)
+        return graph, static, out
+
+    def __call__(self, *inputs):
+        key = tuple((tuple(v.shape), v.dtype) for v in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(inputs)
+        graph, static, out = self.graphs[key]
+        for buf, v in zip(static, inputs):
+            buf.copy_(v)
+        graph.replay()
+        return out.clone()
+
+
 class AutocastSampler:
     """A model that samples itself (MAR, whose loop draws fp32 noise and token state inside) run under
     autocast: fp32 weights and state, its GEMMs in `dtype`. Everything else is the model's."""
@@ -71,11 +103,15 @@ class AutocastSampler:
             return self.model.sample(*args, **kwargs)
 
 
-def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32, max_batch=1024) -> Runtime:
+def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32, max_batch=1024,
+         cuda_graphs=False) -> Runtime:
     """`ckpt` is a checkpoint path (any format `tinyfusion.load` reads) or a DiT module. `max_batch`: the
-    largest batch an exported engine (tensorrt) must take; a sampler's batch doubled by CFG."""
+    largest batch an exported engine (tensorrt) must take; a sampler's batch doubled by CFG.
+    `cuda_graphs`: replay the forward from CUDA graphs (eager, compile, triton on a CUDA device)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if cuda_graphs and (torch.device(device).type != "cuda" or backend not in ("eager", "compile", "triton")):
+        raise UserError(f"CUDA graphs need a CUDA device and the eager, compile or triton backend, not {backend} on {device}")
     if backend in ("cpp", "onnxruntime") and (torch.device(device).type != "cpu" or dtype != torch.float32):
         raise UserError(f"the {backend} backend runs float32 on the CPU, not {dtype} on {device}")
     if isinstance(ckpt, torch.nn.Module):
@@ -88,6 +124,8 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32, max_ba
 
         model = load_checkpoint(ckpt)
     if not isinstance(model, DiT):  # MAR samples itself, eager or through its two ONNX graphs
+        if cuda_graphs:
+            raise UserError(f"CUDA graphs replay DiT/SiT forwards; a {type(model).__name__} samples itself")
         if backend == "onnxruntime" and type(model).__name__ == "MAR":
             return mar_onnxruntime(model)
         if backend != "eager":
@@ -117,6 +155,8 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32, max_ba
         forward = FusedForward(model, ops, ops.attention)
     else:
         forward = exported_forward(model, backend, max_batch)
+    if cuda_graphs and isinstance(model, DiT):
+        forward = CudaGraphForward(forward)
     return Runtime(model, forward, backend)
 
 
