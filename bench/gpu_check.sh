@@ -8,7 +8,9 @@
 #      (carry it: `git clone`/copy github.com/VainF/TinyFusion there; never committed); then
 #      bench/train_smoke.py: prune -> finetune -> SIGKILL -> --resume -> sample for DiT, SiT, MAR (NCCL)
 #   1. the GPU tests (Triton kernels compiled for real, bf16 included; the training engine on CUDA)
-#   2. bench/latency.py --preset xl, eager beside triton, bf16, batch 64, CUDA graphs: DiT-XL/2 at 28/21/14/7
+#   2. bench/latency.py --preset xl, eager beside triton, bf16, batch 64, CUDA graphs: DiT-XL/2 at 28/21/14/7;
+#      then bench/sampling.py --preset xl: guided DDIM images/s for eager, triton, triton + CUDA graphs at
+#      depths 28/14/7 and batches 8/64/256 (DDPM-250's images/s follow from the same step time)
 #   3. bench/latency_stacks.py --preset gpu: diffusers DiT/PixArt/SD3/Flux at XL width, 28 blocks (needs
 #      diffusers: `pip download --no-deps -d .whl diffusers importlib_metadata` and carry .whl/)
 #   4. bench/kernels.py: measured ceilings, each fused kernel against eager and torch.compile, and our
@@ -31,7 +33,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # compiled kernels (tests/conftest.py would otherwise choose the interpreter)
 
-ONLY=${ONLY:-train smoke tests latency stacks kernels compile attention cpu}  # a rerun can name just the stages it needs
+ONLY=${ONLY:-train smoke tests latency sampling stacks kernels compile attention cpu}  # a rerun can name just the stages it needs
 stage() {  # stage KEY NAME SECONDS COMMAND...: run under min(SECONDS, what is left of BUDGET)
     local key=$1 name=$2 limit=$3 left=$((BUDGET - SECONDS)); shift 3
     [[ " $ONLY " == *" $key "* ]] || return 0
@@ -53,6 +55,8 @@ stage tests "GPU tests" 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.
     --junitxml="$RES/gpu_tests.xml"
 stage latency "latency xl: eager, triton" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
     --backends eager triton --cuda-graphs --repeats 20 --json "$RES/latency_xl.json"
+stage sampling "sampling throughput xl: eager, triton, triton+graphs" 120 $PY bench/sampling.py --preset xl --device cuda \
+    --variants eager triton triton+graphs --samplers ddim --steps 3 --warmup 1 --json "$RES/sampling_xl.json"
 stage stacks "latency of the diffusers stacks" 120 $PY bench/latency_stacks.py --preset gpu --device cuda --dtype bf16 \
     --repeats 10 --json "$RES/latency_stacks_gpu.json"
 stage kernels "kernels" 90 $PY bench/kernels.py --batches 32 128 --attention-sweep --json "$RES/kernels.json"

@@ -135,7 +135,7 @@ def test_evaluate_refuses_non_digits_models(tmp_path, capsys):
 
 
 COMMANDS = ("train", "sample", "evaluate", "convert", "extract_features", "train_classifier", "prune", "finetune", "compare")
-BENCH = ("latency", "latency_stacks", "kernels", "prune_compare", "train_speed", "train_smoke")
+BENCH = ("latency", "latency_stacks", "kernels", "prune_compare", "train_speed", "train_smoke", "sampling")
 
 
 def test_every_command_has_help(capsys):
