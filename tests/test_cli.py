@@ -151,6 +151,32 @@ def test_every_command_has_help(capsys):
         assert code == 0 and "usage:" in out, (name, err)
 
 
+def test_every_option_shows_its_default(monkeypatch, capsys):
+    """Every option of every command and bench script whose default is a value (not None or False, which
+    mean "not given") says that default in --help: written in its help text or added by the parser."""
+    import importlib
+
+    from conftest import bench_module
+    from tinyfusion.errors import HelpFormatter, Parser
+
+    seen = []
+    format_help = Parser.format_help
+    monkeypatch.setattr(Parser, "format_help", lambda self: (seen.append(self), format_help(self))[1])
+    mains = [importlib.import_module(f"tinyfusion.{m}").main for m in COMMANDS]
+    mains += [bench_module(name).main for name in BENCH]
+    for main in mains:
+        run_main(main, ["--help"], capsys)
+    assert len(seen) == len(mains)
+    missing = []
+    for parser in seen:
+        for action in parser._actions:
+            if HelpFormatter.default_text(action):
+                rendered = parser._get_formatter()._format_action(action)
+                if "default" not in rendered.lower():
+                    missing.append(f"{parser.prog} {action.option_strings[0]}")
+    assert not missing, missing
+
+
 def test_train_on_a_latent_folder(tmp_path, capsys):
     """The generic path: a named DiT on latents in the official layout (here DiT-S/2 at depth 1, 64px)."""
     write_latent_folder(tmp_path / "lat", 8, (2, 4, 8, 8), 3)

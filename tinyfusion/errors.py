@@ -1,5 +1,6 @@
 """User-facing errors: every CLI turns them into one line on stderr and a non-zero exit."""
 import argparse
+import copy
 import functools
 import os
 import sys
@@ -26,11 +27,38 @@ def cli(main):
     return wrapper
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description kept as written, and every option's default shown where its help does not already
+    say it (a default of None or False means "not given" and is left out)."""
+
+    @staticmethod
+    def default_text(action):
+        default = action.default
+        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS:
+            return None
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            return None
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"(default: {shown.replace('%', '%%')})"
+
+    def _format_action(self, action):
+        if not action.help and self.default_text(action):  # argparse prints nothing for an option without help
+            action = copy.copy(action)
+            action.help = self.default_text(action)
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", self.default_text(action)
+        if default and "default" not in text.lower():
+            return f"{text} {default}"
+        return text
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump) and help text kept as written."""
+    """argparse with a one-line error (no usage dump), help text kept as written, defaults shown."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(**kwargs)
 
     def error(self, message):

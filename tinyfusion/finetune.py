@@ -36,7 +36,7 @@ def parse_args(argv):
     p.add_argument("--ckpt", required=True, help="pruned checkpoint written by tinyfusion.prune")
     p.add_argument("--teacher", help="teacher checkpoint (default: the source named in the pruned checkpoint)")
     p.add_argument("--kd", choices=["masked", "logits", "none"], default=FinetuneConfig.kd)
-    add_model_arg(p)
+    add_model_arg(p, default_ckpt=False)
     o = p.add_argument_group("optimization (paper defaults)")
     o.add_argument("--steps", type=positive(), default=FinetuneConfig.steps)
     o.add_argument("--global-batch-size", type=positive(), default=FinetuneConfig.global_batch_size)

@@ -18,8 +18,9 @@ def default_teacher(model=None):
     return path
 
 
-def add_model_arg(parser):
+def add_model_arg(parser, default_ckpt=True):
+    """--model; `default_ckpt`: the command falls back to a shipped teacher when --ckpt is not given."""
     parser.add_argument("--model", choices=["dit", "sit", "mar"],
                         help="dit (Gaussian diffusion), sit (flow matching on the same network) or mar (masked "
-                             "autoregressive with a diffusion head); default: what the checkpoint says, else dit. "
-                             "Without --ckpt it picks that shipped teacher")
+                             "autoregressive with a diffusion head); default: what the checkpoint says, else dit"
+                             + (". Without --ckpt it picks that shipped teacher" if default_ckpt else ""))

@@ -19,7 +19,7 @@ from ..models.dit import DiT, forward_with_cfg
 BACKENDS = {
     "eager": "PyTorch eager",
     "compile": "torch.compile (Inductor), block by block",
-    "cpp": "C++ fused CPU ops (csrc/, pybind11) around PyTorch GEMMs and SDPA",
+    "cpp": "C++ fused CPU ops (csrc/, pybind11) around oneDNN GEMMs and SDPA",
     "triton": "Triton fused adaLN/GELU kernels and flash attention around PyTorch GEMMs (NVIDIA GPU)",
     "onnxruntime": "the model exported to ONNX, run by onnxruntime's CPU provider (fp32)",
     "tensorrt": "the model exported to ONNX, built into a TensorRT engine (NVIDIA GPU)",
