@@ -52,8 +52,8 @@ def validate_onnx(path):
 @cli
 def main(argv=None):
     from tinyfusion.runtime import tensorrt as rt_trt
-    from tinyfusion.runtime.onnx_export import (ExportedDiT, add_export_args, compare, example_inputs,
-                                                export_from_args, load_model, write_parity)
+    from tinyfusion.runtime.onnx_export import (ExportedDiT, add_export_args, check_parity, compare, example_inputs,
+                                                export_from_args, load_model, thresholds, write_parity)
 
     p = Parser(prog="python export/trt.py", description=__doc__)
     add_export_args(p)
@@ -61,11 +61,12 @@ def main(argv=None):
     p.add_argument("--batch", default="1:8:64", help="optimization profile MIN:OPT:MAX batch sizes (default 1:8:64)")
     p.add_argument("--timing-cache", help="timing cache file, reused across builds (default DIR/timing.cache)")
     p.add_argument("--engine-cache", help="engine cache folder (default DIR/engines)")
+    given = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     profile = rt_trt.parse_profile(args.batch)
     if args.onnx:
         shapes = validate_onnx(args.onnx)
-        onnx_path, report = args.onnx, {"onnx": args.onnx, "parity": {}}
+        onnx_path, report = args.onnx, earlier_report(args.onnx)
         os.makedirs(args.out, exist_ok=True)
     else:
         report = export_from_args(args, dit_only=True)
@@ -74,10 +75,8 @@ def main(argv=None):
     try:
         rt_trt.require_tensorrt()
     except UserError as e:
-        again = f"python export/trt.py --onnx {onnx_path} --out {args.out} --batch {args.batch}" + \
-                (f" --ckpt {args.ckpt}" if args.ckpt else "")
-        print(f"error: {e}; the ONNX graph {onnx_path} is written and checked; on a GPU machine run: {again}",
-              file=sys.stderr)
+        print(f"error: {e}; the ONNX graph {onnx_path} is {'checked' if args.onnx else 'written and checked'}; "
+              f"on a GPU machine run: {rerun_command(given, onnx_path)}", file=sys.stderr)
         sys.exit(NO_TRT_EXIT)
     engine = rt_trt.build_engine(onnx_path, profile, shapes, args.engine_cache or os.path.join(args.out, "engines"),
                                  args.timing_cache or os.path.join(args.out, "timing.cache"), args.precision)
@@ -93,7 +92,42 @@ def main(argv=None):
                 want = reference(*inputs).cpu().numpy()
             report["parity"]["tensorrt"][f"batch{batch}"] = compare(forward(*inputs).cpu().numpy(), want)
         write_parity(args.out, report)
+        bad = check_parity({"tensorrt": report["parity"]["tensorrt"]}, thresholds(args))
+        if bad:
+            raise UserError(f"engine parity above the thresholds ({'; '.join(bad)}); see {args.out}/parity.json")
     print(f"engine: {engine}")
+
+
+def earlier_report(onnx_path):
+    """The parity report written beside a graph when it was exported (its onnxruntime entries are kept
+    when the engine's are added), or a fresh one."""
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(onnx_path)), "parity.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                report = json.load(f)
+            if isinstance(report.get("parity"), dict):
+                return report
+        except (OSError, ValueError):
+            pass
+    return {"onnx": onnx_path, "parity": {}}
+
+
+def rerun_command(given, onnx_path):
+    """This command as given, with --onnx pointing at the graph it wrote or checked: every flag kept."""
+    import shlex
+
+    argv, skip = [], False
+    for a in given:
+        if skip:
+            skip = False
+        elif a == "--onnx":
+            skip = True
+        elif not a.startswith("--onnx="):
+            argv.append(a)
+    return shlex.join(["python", "export/trt.py", *argv, "--onnx", onnx_path])
 
 
 if __name__ == "__main__":
