@@ -34,22 +34,26 @@ def test_two_ranks_write_the_npz_of_one_and_numpy_reads_it_as_adm_does(ckpt, tmp
     assert a["arr_0"].std() > 0
 
 
-def test_resume_keeps_finished_chunks(ckpt, tmp_path, capsys):
+def test_finished_run_removes_its_chunks_and_a_foreign_parts_folder_is_refused(ckpt, tmp_path, capsys):
+    """A finished run leaves the .npz only (its chunks have done their job); chunks recorded by another run
+    (here: another seed, as after `--seed 1` into the same --npz) are refused in one line naming what
+    differs, not packed into a wrong .npz. Reuse of a matching run's chunks: the SIGKILL test below."""
+    import json
+
     from tinyfusion.sample import main
 
     out = str(tmp_path / "s.npz")
     code, _, err = run_main(main, args(ckpt, out), capsys)
     assert code == 0, err
-    first = np.load(out)["arr_0"]
-    parts = out + ".parts"
-    kept = os.path.join(parts, "chunk000001.npz")
-    stamp = os.stat(kept).st_mtime_ns
-    os.remove(os.path.join(parts, "chunk000003.npz"))  # as if killed before chunk 3 was written
+    assert os.path.isfile(out) and not os.path.exists(out + ".parts")
     os.remove(out)
-    code, stdout, err = run_main(main, args(ckpt, out), capsys)
-    assert code == 0, err
-    assert "5 chunks of rank 0 kept" in stdout and os.stat(kept).st_mtime_ns == stamp
-    assert np.array_equal(np.load(out)["arr_0"], first)
+    # an interrupted run's parts folder, recorded with seed 0; the rerun asks for seed 1: refused
+    os.makedirs(out + ".parts")
+    with open(os.path.join(out + ".parts", "run.json"), "w") as f:
+        json.dump({"settings": {"seed": 0}, "num_samples": 22}, f)
+    code, _, err = run_main(main, [*args(ckpt, out), "--seed", "1"], capsys)
+    assert_one_line_error(code, err, "holds chunks of another run", "settings")
+    assert not os.path.exists(out) and os.listdir(out + ".parts") == ["run.json"]
 
 
 def test_sigkill_then_rerun_gives_the_uninterrupted_npz(ckpt, tmp_path):
@@ -71,11 +75,14 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_npz(ckpt, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(os.listdir(out + ".parts"))
+    done = len([n for n in os.listdir(out + ".parts") if n.startswith("chunk")])
     assert not os.path.exists(out) and 3 <= done < 20  # killed part-way (of 20 chunks), no final file
+    chunks = len([n for n in os.listdir(out + ".parts") if n.startswith("chunk")])
     again = run_module(["-m", "tinyfusion.sample", *argv, "--npz", out])
     assert again.returncode == 0, again.stderr
+    assert f"{chunks} chunks of rank 0 kept" in again.stdout  # the killed run's chunks were reused
     assert np.array_equal(np.load(out)["arr_0"], np.load(tmp_path / "whole.npz")["arr_0"])
+    assert not os.path.exists(out + ".parts")
 
 
 def test_spread_labels_is_balanced_and_seeded():

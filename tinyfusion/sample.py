@@ -10,6 +10,8 @@ on 1- or 3-channel images are written directly; latent models (4 channels) need 
 AutoencoderKL folder, to decode.
 """
 
+import os
+
 import torch
 
 from . import checkpoint
@@ -46,15 +48,20 @@ def parse_classes(text, num_classes):
 
 def sample_npz(args, model, settings, vae):
     from .training import distributed
-    from .eval.npz import pack_npz, sample_to_npz
+    import shutil
+
+    from .eval.npz import pack_npz, parts_dir, sample_to_npz
 
     rank, world, device = distributed.setup()
     try:
         rt = load_runtime(model, args, default_device=device)  # under torchrun: this rank's GPU
         where = next(rt.parameters()).device
         decode = None if vae is None else vae_decoder(vae, where)
+        record = {"ckpt": os.path.abspath(args.ckpt), "ckpt_sha256": checkpoint.file_sha256(args.ckpt),
+                  "backend": args.backend, "dtype": str(getattr(rt, "dtype", "float32")).replace("torch.", ""),
+                  "device": where.type, "vae": os.path.abspath(args.vae) if args.vae else None}
         kept = sample_to_npz(rt, args.num_samples, settings, args.batch_size, args.npz, rank, world, decode,
-                             progress=rank == 0)
+                             progress=rank == 0, record=record)
         # ranks finish their last chunk up to a chunk apart: wait on a gloo group that can wait hours (NCCL's
         # watchdog would end a barrier after its 10-minute default), and again while rank 0 packs
         distributed.wait_for_all()
@@ -63,6 +70,8 @@ def sample_npz(args, model, settings, vae):
             print(f"wrote {args.npz}: arr_0 {shape} uint8 ({settings['name']} {settings['steps']} steps, "
                   f"cfg {settings['cfg_scale']}; {world} ranks, {kept} chunks of rank 0 kept from an earlier run)")
         distributed.wait_for_all()
+        if rank == 0:  # the final file holds everything: the chunks have done their job
+            shutil.rmtree(parts_dir(args.npz), ignore_errors=True)
     finally:
         distributed.cleanup()
 

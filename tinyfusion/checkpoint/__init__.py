@@ -286,3 +286,21 @@ def load_trainable(path, model=None, data_path=None, cond=None):
     if cond:
         raise UserError("--cond applies to diffusers PixArt/SD3/Flux folders only")
     return load(path, model=model)
+
+
+def file_sha256(path):
+    """What identifies a checkpoint's content: the SHA-256 of a file; of a folder (a diffusers model), of
+    its files' names, sizes and modification times (reading gigabytes of weights for a name is not worth it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        for folder, _, files in sorted(os.walk(path)):
+            for name in sorted(files):
+                st = os.stat(os.path.join(folder, name))
+                h.update(f"{os.path.relpath(os.path.join(folder, name), path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -5,6 +5,7 @@ noise from seed + i and its labels from a fixed seeded spread of the classes, so
 neither the number of ranks nor interruptions. Each finished chunk is a file in OUT.npz.parts/ (written
 atomically, kept on a rerun: that is the resume); rank 0 packs them in order into OUT.npz at the end.
 """
+import json
 import os
 import zipfile
 
@@ -40,14 +41,41 @@ def parts_dir(out):
     return out + ".parts"
 
 
-def sample_to_npz(model, num_samples, settings, batch_size, out, rank=0, world=1, decode=None, progress=True):
-    """Write this rank's chunks; rank 0 (after the caller's barrier) packs them with `pack_npz`."""
+RECORD = "run.json"
+
+
+def check_record(folder, record, rank=0):
+    """The parts folder records what made its chunks (checkpoint, sampler settings, sizes, precision); a
+    rerun reuses them only when that matches, else one line naming what differs (reused chunks of another
+    checkpoint or setting would pack into a wrong .npz silently). Rank 0 writes the record."""
+    path = os.path.join(folder, RECORD)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError):
+            earlier = {}
+        diff = sorted(k for k in set(record) | set(earlier) if record.get(k) != earlier.get(k))
+        if diff:
+            raise UserError(f"{folder} holds chunks of another run (its {', '.join(diff)} differ from this one's, "
+                            f"see {RECORD} there); remove the folder to start over")
+    elif rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(record, indent=1, sort_keys=True)))
+
+
+def sample_to_npz(model, num_samples, settings, batch_size, out, rank=0, world=1, decode=None, progress=True,
+                  record=None):
+    """Write this rank's chunks; rank 0 (after the caller's barrier) packs them with `pack_npz`. `record`:
+    what makes these samples (see check_record), kept beside the chunks."""
     c = model.config
     labels = spread_labels(num_samples, c.num_classes, settings["seed"])
     shape = (c.in_channels, c.input_size, c.input_size)
     gc = None if settings["guidance_channels"] == "all" else 3
     folder = parts_dir(out)
     os.makedirs(folder, exist_ok=True)
+    if record is not None:
+        check_record(folder, {**record, "settings": settings, "num_samples": num_samples, "batch_size": batch_size}, rank)
     chunks = [i for i in range(-(-num_samples // batch_size)) if i % world == rank]
     todo = [i for i in chunks if not os.path.isfile(chunk_path(folder, i))]
     with tqdm(total=len(todo) * settings["steps"], desc=f"sampling (rank {rank})", dynamic_ncols=True,
