@@ -111,10 +111,28 @@ def test_sample_grid_and_evaluate_json(tmp_path, capsys, digits_ckpt):
     (sample_main, ["--guidance-channels", "2"], "must be 'all' or '3'"),
     (evaluate_main, ["--samples", "0"], "must be positive"),
     (evaluate_main, ["--cfg-scale", "0.5"], "at least 1"),
+    (evaluate_main, ["--samples", "3"], "at least 20 samples"),  # FID / k-NN undefined: was a LinAlgError
+    (sample_main, ["--cfg-scale", "nan"], "finite"),  # was a black grid and exit 0
+    (sample_main, ["--cfg-scale", "inf"], "finite"),
+    (sample_main, ["--steps", "1"], "2..1000"),  # was a ValueError traceback
+    (sample_main, ["--steps", "2000"], "2..1000"),
 ])
 def test_sample_evaluate_bad_input(tmp_path, capsys, digits_ckpt, main, extra, fragment):
-    code, _, err = run_main(main, ["--ckpt", digits_ckpt, *extra], capsys)
+    code, _, err = run_main(main, ["--ckpt", digits_ckpt, "--out" if main is sample_main else "--json",
+                                   str(tmp_path / "o"), *extra], capsys)
     assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_finetune_checks_its_final_evaluation_before_training(tmp_path, capsys):
+    """--eval-samples too small for a digits evaluation is refused before the training it would follow
+    (it used to fail after the whole run)."""
+    from tinyfusion.finetune import main as finetune_main
+
+    code, _, err = run_main(finetune_main, ["--ckpt", str(tmp_path / "x.safetensors"), "--eval-samples", "5",
+                                            "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "--eval-samples 5", "at least 20")
+    assert not (tmp_path / "o").exists()
 
 
 def test_outputs_in_unwritable_places_fail_before_work(tmp_path, capsys, digits_ckpt):

@@ -21,7 +21,7 @@ import time
 from . import checkpoint
 from .errors import Parser, UserError, cli, positive, writable_file
 from .eval.inception import WEIGHTS_NAME
-from .eval.digits_metrics import balanced_labels, digits_metrics, format_metrics
+from .eval.digits_metrics import balanced_labels, check_sample_count, digits_metrics, format_metrics
 from .cli.sampler_args import add_sampler_args, device_and_dtype, load_runtime, sample_batched, sampler_settings
 
 
@@ -83,6 +83,7 @@ def main(argv=None):
         args.samples = positive()(args.samples)
     except Exception:
         raise UserError(f"--samples must be positive (a number of digits samples), got {args.samples!r}") from None
+    check_sample_count(args.samples)
     args.ckpt = args.ckpt or default_teacher(args.model)
     model = checkpoint.load(args.ckpt, model=args.model)
     settings = sampler_settings(args, config=model.config)

@@ -71,6 +71,12 @@ def parse_args(argv):
         args.ckpt_every = 10000 if args.data_path else 250
     if not 0 < args.ema_decay < 1:
         raise UserError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
+    if args.eval_samples < 0:
+        raise UserError(f"--eval-samples must be 0 (skip) or a sample count, got {args.eval_samples}")
+    if args.eval_samples:  # checked now, not after the training it would follow
+        from .eval.digits_metrics import check_sample_count
+
+        check_sample_count(args.eval_samples, "--eval-samples")
     try:
         args.snapshots = sorted({int(s) for s in args.snapshot_steps.split(",") if s.strip()})
     except ValueError:

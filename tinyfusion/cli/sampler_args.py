@@ -1,4 +1,6 @@
 """Sampler flags shared by `sample` and `evaluate`, and the batched sampling they drive."""
+import math
+
 import torch
 from tqdm import tqdm
 
@@ -90,9 +92,11 @@ def sampler_settings(args, default=None, config=None):
         raise UserError(f"--sampler {args.sampler} does not fit {kind} model; choose {', '.join(allowed)}")
     if args.guidance_channels not in ("all", "3"):
         raise UserError(f"--guidance-channels must be 'all' or '3', got {args.guidance_channels!r}")
-    if args.cfg_scale < 1:
-        raise UserError(f"--cfg-scale must be at least 1, got {args.cfg_scale}")
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 1:
+        raise UserError(f"--cfg-scale must be a finite number of at least 1, got {args.cfg_scale}")
     name = args.sampler or default
+    if name in ("ddim", "ddpm") and args.steps is not None and not 2 <= args.steps <= 1000:
+        raise UserError(f"--steps {args.steps}: {name} respaces the 1000 training steps, so 2..1000")
     settings = {"name": name, "steps": args.steps or DEFAULT_STEPS[name], "cfg_scale": args.cfg_scale,
                 "guidance_channels": args.guidance_channels, "seed": args.seed}
     if name == "mar":  # at most one unmasking step per token

@@ -12,6 +12,18 @@ from .classifier import embed_and_classify, load_classifier
 from .stats import fid_from_features, precision_recall
 
 
+MIN_SAMPLES = 20  # 2 per class: the FID needs a covariance, precision/recall a k-th (3rd) neighbour
+
+
+def check_sample_count(n, flag="--samples"):
+    """One line for a digits evaluation too small to measure, before any sampling (or training) runs."""
+    from ..errors import UserError
+
+    if n < MIN_SAMPLES:
+        raise UserError(f"{flag} {n}: a digits evaluation needs at least {MIN_SAMPLES} samples "
+                        "(its FID and k-NN precision/recall are undefined below that)")
+
+
 def digits_metrics(samples, labels, splits=20, seed=0, k=3, classifier=None):
     """samples (N, 1, H, W) in [-1, 1], labels (N,) -> dict of metrics."""
     net = classifier or load_classifier()
