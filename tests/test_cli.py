@@ -245,3 +245,19 @@ def test_bad_input_leaves_no_output_behind(tmp_path, capsys, command, argv, frag
     code, _, err = run_main(main, argv, capsys)
     assert_one_line_error(code, err, fragment)
     assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+
+
+def test_flags_a_run_cannot_honour_are_refused(tmp_path, capsys, digits_ckpt):
+    """Flags that used to be dropped silently: --temperature on a DiT (no diffusion head), --guidance-channels
+    3 on a one-channel model (its 2nd output channel is the variance), finetune snapshots outside 1..steps-1."""
+    from tinyfusion.finetune import main as finetune_main
+
+    code, _, err = run_main(sample_main, ["--ckpt", digits_ckpt, "--temperature", "0.5", "--out", str(tmp_path / "a.png")], capsys)
+    assert_one_line_error(code, err, "--temperature")
+    code, _, err = run_main(sample_main, ["--ckpt", digits_ckpt, "--guidance-channels", "3", "--out", str(tmp_path / "b.png")], capsys)
+    assert_one_line_error(code, err, "needs 3 noise channels; this model has 1")
+    for snaps in ("0", "-1", "9999"):
+        code, _, err = run_main(finetune_main, ["--ckpt", digits_ckpt, "--steps", "10", "--snapshot-steps", snaps,
+                                                "--out", str(tmp_path / "o")], capsys)
+        assert_one_line_error(code, err, "--snapshot-steps", "1..9")
+    assert not any((tmp_path / n).exists() for n in ("a.png", "b.png", "o"))

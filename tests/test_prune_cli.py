@@ -45,7 +45,7 @@ def math_ok(v):
 
 @pytest.mark.parametrize("method,extra", [
     ("bi", []), ("fluxlite", []), ("sensitivity", []), ("oracle", []), ("random", []), ("first", []), ("last", []),
-    ("indices", ["--kept", "[3,1]"]), ("random-search", ["--candidates", "4"]),
+    ("indices", ["--kept", "[3,1]"]), ("random-search", ["--candidates", "4"]), ("random-search", ["--candidates", "100"]),
 ])
 def test_baselines(tmp_path, capsys, tiny_teacher, method, extra):
     out = str(tmp_path / method)
@@ -60,6 +60,10 @@ def test_baselines(tmp_path, capsys, tiny_teacher, method, extra):
         assert picks["min"]["calibration_loss"] <= picks["median"]["calibration_loss"] <= picks["max"]["calibration_loss"]
         assert d["calibration_loss"] == pytest.approx(picks["min"]["calibration_loss"], rel=1e-6)
         assert os.path.exists(os.path.join(out, "pruned-max.safetensors"))
+        # 2 of 4 layers have 6 masks: --candidates 100 scores those 6, says so, and records it
+        scored = min(int(extra[1]), 6)
+        assert d["candidates_scored"] == scored and len(d["all_losses"]) == scored
+        assert ("only 6 distinct masks" in stdout) == (scored < int(extra[1]))
 
 
 def test_two_gloo_ranks_same_decision_as_one(tmp_path, tiny_teacher):
@@ -109,6 +113,9 @@ def test_kill_and_resume_gives_the_same_decision(tmp_path, tiny_teacher):
     (["--scaling", "-1"], "must be positive"),
     (["--lr", "0"], "must be positive"),
     (["--method", "magic"], "unknown --method"),
+    (["--method", "bi", "--kept", "[0,1]"], "--kept applies to --method indices"),  # was silently ignored
+    (["--target-depth", "2"], "the learnable search keeps what"),
+    (["--steps", "3", "--epochs", "1"], "give one"),
     (["--data-path", "/nonexistent/latents"], "does not exist"),
     (["--resume"], "needs --out"),
 ])

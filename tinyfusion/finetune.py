@@ -81,6 +81,10 @@ def parse_args(argv):
         args.snapshots = sorted({int(s) for s in args.snapshot_steps.split(",") if s.strip()})
     except ValueError:
         raise UserError(f"--snapshot-steps must be comma-separated integers, got {args.snapshot_steps!r}") from None
+    bad = [s for s in args.snapshots if not 0 < s < args.steps]
+    if bad:  # a snapshot that can never be taken was silently skipped
+        raise UserError(f"--snapshot-steps {bad}: a snapshot is a step in 1..{args.steps - 1} (the final weights are "
+                        "recovered.safetensors)")
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"recover-{args.kd}")
     return args
 

@@ -93,6 +93,17 @@ def parse_args(argv):
         raise UserError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
     if args.method == "indices" and not args.kept:
         raise UserError("--method indices needs --kept")
+    # a flag the chosen method cannot honour is refused, not silently dropped
+    if args.kept and args.method != "indices":
+        raise UserError(f"--kept applies to --method indices; --method {args.method} chooses its own layers")
+    if args.target_depth and args.method == "learnable":
+        raise UserError("--target-depth sets the score baselines' depth; the learnable search keeps what "
+                        "--scheme/--groups keep (e.g. --scheme 1:2 halves the depth)")
+    if args.steps and args.epochs:
+        raise UserError("--steps and --epochs both set the search's length: give one")
+    if (args.steps or args.epochs) and args.method != "learnable":
+        print(f"note: --steps/--epochs set the learnable search's length; --method {args.method} does not train",
+              flush=True)
     args.out = args.out or os.path.join("runs", f"prune-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     return args
 
@@ -173,11 +184,15 @@ def run_baseline(args, model, k, diffusion, calib):
     if m == "random-search":
         from tqdm import tqdm
 
-        with tqdm(total=args.candidates, desc="random-search", dynamic_ncols=True) as bar:
-            picks, all_losses = baselines.random_search(model, diffusion, calib, depth, k, args.candidates, args.seed, bar,
+        total = min(args.candidates, baselines.count_valid_masks(depths, k))
+        if total < args.candidates:
+            print(f"note: only {total} distinct masks keep {k} of {depth} layers; scoring all {total}, "
+                  f"not --candidates {args.candidates}", flush=True)
+        with tqdm(total=total, desc="random-search", dynamic_ncols=True) as bar:
+            picks, all_losses = baselines.random_search(model, diffusion, calib, depth, k, total, args.seed, bar,
                                                         depths)
         return picks["min"][1], {"picks": {n: {"calibration_loss": l, "kept": kp} for n, (l, kp) in picks.items()},
-                                 "all_losses": all_losses}
+                                 "all_losses": all_losses, "candidates_scored": total}
     raise AssertionError(m)
 
 

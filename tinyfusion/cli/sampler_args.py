@@ -32,7 +32,7 @@ def add_sampler_args(p):
     g.add_argument("--steps", type=positive(),
                    help="sampling steps (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     g.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale; 1 disables it")
-    g.add_argument("--temperature", type=positive(float), default=1.0, help="MAR: the diffusion head's noise scale")
+    g.add_argument("--temperature", type=positive(float), help="MAR: the diffusion head's noise scale (default 1.0)")
     g.add_argument("--guidance-channels", default="all",
                    help="'all' guides every noise channel (diffusers' DiTPipeline); '3' guides the first 3 "
                         "channels only, as facebookresearch/DiT's sample.py does")
@@ -92,6 +92,11 @@ def sampler_settings(args, default=None, config=None):
         raise UserError(f"--sampler {args.sampler} does not fit {kind} model; choose {', '.join(allowed)}")
     if args.guidance_channels not in ("all", "3"):
         raise UserError(f"--guidance-channels must be 'all' or '3', got {args.guidance_channels!r}")
+    if args.temperature is not None and allowed[0] != "mar":
+        raise UserError("--temperature is the noise scale of a MAR's diffusion head; this model has none")
+    if args.guidance_channels == "3" and config is not None and getattr(config, "in_channels", 3) < 3:
+        raise UserError(f"--guidance-channels 3 needs 3 noise channels; this model has {config.in_channels} "
+                        "(the rest of its output is the learned variance)")
     if not math.isfinite(args.cfg_scale) or args.cfg_scale < 1:
         raise UserError(f"--cfg-scale must be a finite number of at least 1, got {args.cfg_scale}")
     name = args.sampler or default
@@ -100,7 +105,10 @@ def sampler_settings(args, default=None, config=None):
     settings = {"name": name, "steps": args.steps or DEFAULT_STEPS[name], "cfg_scale": args.cfg_scale,
                 "guidance_channels": args.guidance_channels, "seed": args.seed}
     if name == "mar":  # at most one unmasking step per token
-        settings.update(steps=min(settings["steps"], config.seq_len), temperature=args.temperature)
+        if args.steps and args.steps > config.seq_len:  # (the default, 64, is min'ed with the tokens silently)
+            print(f"note: a MAR unmasks at most one token per step: {config.seq_len} steps, not {settings['steps']}",
+                  flush=True)
+        settings.update(steps=min(settings["steps"], config.seq_len), temperature=args.temperature or 1.0)
     return settings
 
 
