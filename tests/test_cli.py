@@ -261,3 +261,11 @@ def test_flags_a_run_cannot_honour_are_refused(tmp_path, capsys, digits_ckpt):
                                                 "--out", str(tmp_path / "o")], capsys)
         assert_one_line_error(code, err, "--snapshot-steps", "1..9")
     assert not any((tmp_path / n).exists() for n in ("a.png", "b.png", "o"))
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_work(tmp_path, capsys, digits_ckpt):
+    """`--out` naming an existing folder failed at the final rename, after all the sampling, with a traceback."""
+    code, _, err = run_main(sample_main, ["--ckpt", digits_ckpt, "--out", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "is a folder")
+    code, _, err = run_main(evaluate_main, ["--ckpt", digits_ckpt, "--json", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "is a folder")

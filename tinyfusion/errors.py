@@ -84,6 +84,8 @@ def positive(kind=int):
 def writable_file(path):
     """Fail early (before any work) when the output file's folder cannot be created or written, without
     creating anything: a run refused for bad input leaves no empty folder behind."""
+    if os.path.isdir(path):  # found at the final rename otherwise, after all the work
+        raise UserError(f"{path} is a folder; give a file path for the output")
     folder = os.path.dirname(os.path.abspath(path))
     probe = folder
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
