@@ -247,10 +247,11 @@ def test_onnx_export_of_a_pruned_mar_and_sampling_through_onnxruntime(tmp_path):
     assert r.returncode == 2 and "the TensorRT path covers DiT and SiT" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mar_samples_under_autocast_in_low_precision(dtype):
+def test_mar_samples_under_autocast_in_low_precision():
     """A MAR draws fp32 noise and token state inside its own loop: in low precision it runs under autocast
-    (fp32 weights, GEMMs in dtype), its samples near the fp32 ones, the caller's model untouched."""
+    (fp32 weights, GEMMs in bf16), its samples near the fp32 ones, the caller's model untouched. (fp16
+    goes through the same wrapper; CPU autocast's fp16 GEMMs are slow, so the GPU run covers it.)"""
+    dtype = torch.bfloat16
     from tinyfusion import runtime
     from tinyfusion.diffusion import sample
 
