@@ -34,11 +34,6 @@ def setup_run(global_batch_size, run_dir):
     return rank, world, device
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 _patient = None  # the gloo group wait_for_all uses, made on first use (every rank calls it together)
 
 
