@@ -159,3 +159,14 @@ def test_too_few_samples_for_statistics(tmp_path, inception_weights):
     np.savez(tmp_path / "one.npz", arr_0=np.zeros((1, 16, 16, 3), np.uint8))
     with pytest.raises(UserError, match="at least 2 images"):
         evaluate_npz(str(tmp_path / "ref.npz"), str(tmp_path / "one.npz"), inception_weights)
+
+
+def test_missing_batches_are_named_before_the_inception_weights(tmp_path, capsys):
+    """With no weights and a mistyped --ref, the error named the weights: the user's batch comes first."""
+    from conftest import assert_one_line_error, run_main
+    from tinyfusion.evaluate import main
+
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((3, 16, 16, 3), np.uint8))
+    code, _, err = run_main(main, ["--ref", str(tmp_path / "typo.npz"), "--samples", str(tmp_path / "s.npz"),
+                                   "--inception", str(tmp_path / "no-weights.pth")], capsys)
+    assert_one_line_error(code, err, "typo.npz")

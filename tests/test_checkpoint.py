@@ -85,7 +85,7 @@ def bad_files(tmp_path):
 
 @pytest.mark.parametrize("name,fragment", [
     ("missing.pt", "no such file"),
-    ("text.pt", "not a"),
+    ("text.pt", "neither safetensors nor a torch.save file"),  # was "not a safetensors checkpoint" for a .pt
     ("garbage.safetensors", "not a safetensors checkpoint"),
     ("evil.pt", "refused to unpickle"),
     ("resnet.pt", "not a DiT checkpoint: missing keys"),

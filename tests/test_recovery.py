@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tinyfusion
+from tinyfusion.assets import TEACHER_PATH
 from tinyfusion.diffusion import create_diffusion
 from tinyfusion.finetune import main as finetune_main
 from tinyfusion.prune import main as prune_main
@@ -85,9 +86,14 @@ FAST = ["--global-batch-size", "16", "--log-every", "2", "--eval-samples", "0"]
 def test_finetune_modes(tmp_path, capsys, pruned, kd):
     ckpt, _ = pruned
     code, out, err = run_main(finetune_main, ["--ckpt", ckpt, "--kd", kd, "--steps", "4", *FAST, "--out", str(tmp_path / kd),
-                                              "--snapshot-steps", "2"], capsys)
+                                              "--snapshot-steps", "2", "--mask-k", "3"], capsys)
     assert code == 0, err
+    assert ("note: --kd" in out and "does not use --mask-k" in out) == (kd != "masked")  # said, not dropped
     m = json.loads((tmp_path / kd / "metrics.json").read_text())
+    # only the terms the mode uses are recorded (none listed alpha_kd 0.9, beta and mask_k it never read)
+    assert set(m["kd_weights"]) == {"masked": {"alpha_kd", "alpha_gt", "beta_start", "beta_end", "mask_k"},
+                                    "logits": {"alpha_kd", "alpha_gt"}, "none": set()}[kd]
+    assert ("alignment" in m) == (kd == "masked")
     assert [p["step"] for p in m["loss_curve"]] == [2, 4]
     assert ("hidden_kd" in m["loss_curve"][0]) == (kd == "masked") and ("output_kd" in m["loss_curve"][0]) == (kd != "none")
     model = tinyfusion.load(str(tmp_path / kd / "recovered.safetensors"))
@@ -189,6 +195,8 @@ def test_refused_lineage_and_resume_write_nothing(tmp_path, capsys, pruned):
         (["--ckpt", str(anonymous), "--kd", "masked"], f"{anonymous} names no source model; give --teacher"),
         (["--ckpt", ckpt, "--teacher", str(flow_path)], "student (diffusion) and teacher (flow) were trained with different objectives"),
         (["--ckpt", ckpt, "--resume"], "--resume: no state at"),
+        # its metadata's source names the trainer; read as a teacher path it gave "tinyfusion.train: no such file"
+        (["--ckpt", TEACHER_PATH], "is not a pruned checkpoint"),
     ]
     for argv, fragment in cases:
         code, _, err = run_main(finetune_main, [*argv, *FAST, "--steps", "2", "--out", str(tmp_path / "o")], capsys)

@@ -4,20 +4,15 @@ Reads the JSON that `tinyfusion.evaluate --json` writes, or a `finetune` run's m
 evaluation), and prints depth, parameters, digits-FID beside the floor, class accuracy and sampling
 time per image, with each model's speed relative to the first.
 """
-import json
 import os
 
-from .errors import Parser, UserError, cli
+from .errors import Parser, UserError, cli, read_json
 
 
 def read_metrics(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such metrics file")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: not JSON") from None
+    data = read_json(path, "a metrics file (a JSON object)")
     data = data.get("evaluation", data)
     if "digits_fid" not in data:
         raise UserError(f"{path}: holds no evaluation (digits_fid missing)")

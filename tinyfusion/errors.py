@@ -6,6 +6,9 @@ import os
 import sys
 
 
+on_exit = []  # callables run when a CLI entry point returns or fails (run_folder's lock release)
+
+
 class UserError(Exception):
     """Bad input the user can fix; the message is the whole story, no traceback."""
 
@@ -23,6 +26,9 @@ def cli(main):
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             sys.exit(130)
+        finally:
+            for f in on_exit:
+                f()
 
     return wrapper
 
@@ -64,6 +70,25 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def read_json(path, what="a JSON object"):
+    """A JSON object from a file a user gave or may have edited: a missing, unreadable, corrupt or non-object
+    file is one UserError line, not a JSONDecodeError traceback."""
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not {what}")
+    return data
 
 
 def positive(kind=int):

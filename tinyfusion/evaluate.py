@@ -6,7 +6,9 @@
 Digits: samples N class-conditional digits (N/10 per class), then reports class accuracy (the shipped
 digits classifier), digits-FID in its penultimate features beside the real-vs-real floor (both averaged
 over random half splits of the real set), and k-NN precision/recall. With no --ckpt it evaluates the
-shipped teacher.
+shipped teacher. The floor depends on the real set and --splits only. The FID compares min(N, 898)
+samples with each split's held-out 899 reals: from N = 898 on it stands on the floor's footing (898 vs 899);
+below that it reads higher (FID's bias grows as samples fall), so compare FIDs at equal N. N >= 20.
 
 ADM: FID, sFID, Inception Score, precision and recall (k = 3) of an ADM-format .npz (`arr_0` uint8
 NHWC, as `python -m tinyfusion.sample --npz` writes) against a reference batch such as ADM's
@@ -66,7 +68,8 @@ def main(argv=None):
     p.add_argument("--ckpt", help="checkpoint (default: the shipped digits teacher)")
     add_model_arg(p)
     p.add_argument("--samples", default="1000",
-                   help="digits: number of samples (balanced over classes); with --ref: the sample batch .npz")
+                   help="digits: number of samples (balanced over classes; at least 20, 898+ for the floor's footing); "
+                        "with --ref: the sample batch .npz")
     p.add_argument("--ref", help="ADM reference batch .npz: evaluate --samples (an .npz) against it")
     p.add_argument("--inception", default=os.environ.get("TINYFUSION_INCEPTION",
                                                          os.path.expanduser(f"~/.cache/tinyfusion/{WEIGHTS_NAME}")),

@@ -12,7 +12,6 @@ curve and a final evaluation), loss.png, log.txt, finetune_state.pt (`--resume` 
 """
 import json
 import os
-from dataclasses import asdict
 import sys
 import time
 
@@ -21,11 +20,12 @@ import torch
 from . import checkpoint
 from .data.batches import make_batches
 from .diffusion import create_objective
-from .errors import Parser, UserError, cli, positive
+from .errors import Parser, UserError, cli, positive, read_json
 from .recovery.finetune import FinetuneConfig, Recovery
 from .recovery.kd import KDWeights, alignment
 from .training import add_engine_args, engine_config
 from .training.distributed import cleanup, setup_run
+from .training.run_folder import add_overwrite_arg, claim, record_of
 from .training.runlog import RunLog, plot_curve
 
 
@@ -57,7 +57,8 @@ def parse_args(argv):
     d.add_argument("--cond", help="diffusers PixArt/SD3/Flux folders: the conditioning bank used when pruning")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", help="run folder (default: <pruned folder>/recover-<kd>)")
-    d.add_argument("--resume", action="store_true")
+    d.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    add_overwrite_arg(d)
     d.add_argument("--ckpt-every", type=positive(),
                    help="steps between resumable states (default 250 on digits, 10000 on latents; --ckpt-minutes also saves)")
     d.add_argument("--log-every", type=positive(), default=FinetuneConfig.log_every)
@@ -85,6 +86,12 @@ def parse_args(argv):
     if bad:  # a snapshot that can never be taken was silently skipped
         raise UserError(f"--snapshot-steps {bad}: a snapshot is a step in 1..{args.steps - 1} (the final weights are "
                         "recovered.safetensors)")
+    flags = {"alpha_kd": args.alpha_kd != KDWeights.alpha_kd, "alpha_gt": args.alpha_gt != KDWeights.alpha_gt,
+             "beta_start": args.beta is not None, "mask_k": args.mask_k != KDWeights.mask_k}
+    unused = [k for k, given in flags.items() if given and k not in KDWeights.fields_used(args.kd)]
+    if unused:  # said, not silently dropped
+        names = ", ".join("--" + ("beta" if k == "beta_start" else k).replace("_", "-") for k in unused)
+        print(f"note: --kd {args.kd} does not use {names}", flush=True)
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"recover-{args.kd}")
     return args
 
@@ -92,6 +99,9 @@ def parse_args(argv):
 def resolve_teacher(args, info):
     from .assets import MAR_TEACHER_PATH, SIT_TEACHER_PATH, TEACHER_PATH
 
+    if info.get("kept") is None and not args.teacher:  # its "source" would name the trainer, not a teacher
+        raise UserError(f"{args.ckpt} is not a pruned checkpoint (no kept indices in its metadata); give --teacher, "
+                        "or --kd none to fine-tune it plainly")
     path = args.teacher or info.get("source")
     if not path:
         raise UserError(f"{args.ckpt} names no source model; give --teacher")
@@ -108,8 +118,7 @@ def check_lineage(args, student, teacher, info):
         raise UserError(f"{args.ckpt} is not a pruned checkpoint (no kept indices in its metadata)")
     decision_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "decision.json")
     if os.path.isfile(decision_path):
-        with open(decision_path) as f:
-            decision = json.load(f)
+        decision = read_json(decision_path, "a pruning decision (a JSON object)")
         if decision.get("kept") != kept and "pick" not in info:
             raise UserError(f"{decision_path} keeps {decision.get('kept')} but {args.ckpt} holds {kept}")
     if len(kept) != student.config.depth:
@@ -157,6 +166,9 @@ def main(argv=None):
     if args.resume:
         if not os.path.isfile(state_path):
             raise UserError(f"--resume: no state at {state_path}")
+    args.teacher = teacher_path
+    claim(args.out, record_of("finetune", args, files=("ckpt", "teacher")), args.resume, args.overwrite, rank, device)
+    if args.resume:
         rec.resume(state_path)
     # log.txt opens only once the inputs are checked: a refused run writes nothing
     log.write("command: " + " ".join(["python -m tinyfusion.finetune", *(argv if argv is not None else sys.argv[1:])]), echo=False)
@@ -173,9 +185,10 @@ def main(argv=None):
     if rank == 0:
         wall = time.time() - t0
         written = checkpoint.save_model(ema, args.out, "recovered", **provenance, recovery_steps=args.steps)
-        metrics = {"kd": args.kd, "objective": ema.config.objective, "kd_weights": asdict(cfg.weights), "steps": args.steps,
-                   "skipped_steps": rec.skipped, "wall_seconds_this_run": round(wall, 1),
-                   "alignment": pairs, "run": rec.engine.summary(), "loss_curve": rec.curve}
+        metrics = {"kd": args.kd, "objective": ema.config.objective, "kd_weights": cfg.weights.used(args.kd),
+                   "steps": args.steps, "skipped_steps": rec.skipped, "wall_seconds_this_run": round(wall, 1),
+                   **({"alignment": pairs} if args.kd == "masked" else {}), "run": rec.engine.summary(),
+                   "loss_curve": rec.curve}
         plot_curve([(p["step"], p["loss"]) for p in rec.curve], os.path.join(args.out, "loss.png"), f"recovery loss ({args.kd})")
         c = ema.config
         if args.eval_samples > 0 and (c.in_channels, c.input_size, c.num_classes) == (1, 8, 10):

@@ -36,6 +36,7 @@ from .pruning.plots import plot_decisions, plot_scores
 from .pruning.surgery import prune_model
 from .training import add_engine_args, engine_config
 from .training.distributed import cleanup, setup_run
+from .training.run_folder import add_overwrite_arg, claim, record_of
 from .training.runlog import RunLog
 
 METHODS = ["learnable", "bi", "fluxlite", "sensitivity", "oracle", "random", "first", "last", "indices", "random-search"]
@@ -76,6 +77,7 @@ def parse_args(argv):
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", help="run folder (default runs/prune-<method>-<time>/)")
     d.add_argument("--resume", action="store_true", help="continue the search saved in --out")
+    add_overwrite_arg(d)
     d.add_argument("--ckpt-every", type=positive(),
                    help="steps between resumable states (default 100 on digits, 2000 on latents; --ckpt-minutes also saves)")
     d.add_argument("--log-every", type=positive(), default=SearchConfig.log_every)
@@ -112,6 +114,12 @@ def params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def claim_out(args, rank, device):
+    """Claim --out (refused while in use or holding another run): after every input is checked, so a
+    refused run writes nothing."""
+    claim(args.out, record_of("prune", args, files=("ckpt",)), args.resume, args.overwrite, rank, device)
+
+
 def run_learnable(args, model, groups, diffusion, rank, world, device, log, command):
     data = make_batches(model.config, args.data_path, args.global_batch_size, args.seed, rank, world, args.num_workers)
     steps = args.steps
@@ -129,6 +137,8 @@ def run_learnable(args, model, groups, diffusion, rank, world, device, log, comm
     if args.resume:
         if not os.path.isfile(state_path):
             raise UserError(f"--resume: no search state at {state_path}")
+    claim_out(args, rank, device)
+    if args.resume:
         search.resume(state_path)
     log.write(command, echo=False)
     if args.resume:
@@ -229,6 +239,7 @@ def main(argv=None):
         final = source if final is None else final
     else:
         k, fixed = baseline_target(args, groups, stack.depths)
+        claim_out(args, rank, device)
         log.write(command, echo=False)
         source = source.to(device)
         kept, extra = (fixed, {}) if fixed is not None else run_baseline(args, source, k, diffusion, calib)

@@ -68,7 +68,7 @@ def sample_npz(args, model, settings, vae):
         if rank == 0:
             shape = pack_npz(args.npz, args.num_samples, args.batch_size)
             print(f"wrote {args.npz}: arr_0 {shape} uint8 ({settings['name']} {settings['steps']} steps, "
-                  f"cfg {settings['cfg_scale']}; {world} ranks, {kept} chunks of rank 0 kept from an earlier run)")
+                  f"cfg {settings['cfg_scale']}; {world} rank{'s' * (world > 1)}, {kept} chunks of rank 0 kept from an earlier run)")
         distributed.wait_for_all()
         if rank == 0:  # the final file holds everything: the chunks have done their job
             shutil.rmtree(parts_dir(args.npz), ignore_errors=True)

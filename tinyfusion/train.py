@@ -23,6 +23,7 @@ from .models.mar import MAR, MARConfig
 from .training import Engine, add_engine_args, engine_config
 from .training.denoising import DenoiserTraining, TrainConfig
 from .training.distributed import cleanup, setup_run
+from .training.run_folder import add_overwrite_arg, claim, record_of
 from .training.runlog import RunLog, plot_curve
 
 PRESETS = {
@@ -72,6 +73,7 @@ def parse_args(argv):
                    help="steps between resumable states (default 500 on digits, 10000 on latents; --ckpt-minutes also saves)")
     p.add_argument("--log-every", type=positive(), default=50)
     p.add_argument("--resume", action="store_true", help="continue from <run>/checkpoints/last.pt")
+    add_overwrite_arg(p)
     p.add_argument("--max-bad-steps", type=positive(), default=20, help="abort after this many non-finite losses in a row")
     p.add_argument("--num-workers", type=int, help="latent loader workers (default: 0 on the CPU, up to 8 per GPU)")
     add_engine_args(p)
@@ -124,6 +126,7 @@ def main(argv=None):
     task = DenoiserTraining(model, create_objective(cfg), data, tc, rank, world)
     log = RunLog(run_dir, enabled=rank == 0)
     engine = Engine(task, engine_config(args), rank, world, device, log)
+    claim(run_dir, record_of("train", args), args.resume, args.overwrite, rank, device)
     if args.resume:
         engine.resume(state_path)
     if rank == 0:

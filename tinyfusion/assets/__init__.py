@@ -14,7 +14,7 @@ def default_teacher(model=None):
 
     path = {"sit": SIT_TEACHER_PATH, "mar": MAR_TEACHER_PATH}.get(model, TEACHER_PATH)
     if not os.path.isfile(path):
-        raise UserError(f"no shipped digits {model.upper()} teacher in this version; give --ckpt")
+        raise UserError(f"no shipped digits {model} teacher in this version; give --ckpt")
     return path
 
 

@@ -12,7 +12,7 @@ import zipfile
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, read_json
 from ..models.dit import HEADS_BY_WIDTH, DiT, DiTConfig, get_2d_sincos_pos_embed
 from ..models.diffusers_keys import diffusers_to_dit, dit_depth
 
@@ -54,8 +54,7 @@ def _read_diffusers_folder(path):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{path}: a folder, but not a diffusers model folder (no config.json)")
-    with open(cfg_path) as f:
-        hf = json.load(f)
+    hf = read_json(cfg_path)
     weights = [os.path.join(path, n) for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")]
     weights = [w for w in weights if os.path.isfile(w)]
     if not weights:
@@ -94,7 +93,9 @@ def read(path):
         return _read_safetensors(path)
     if head[:2] == b"PK" or head[:1] == b"\x80":  # zip (torch.save) or a raw pickle
         return _read_pt(path)
-    return _read_safetensors(path)
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)  # its error says what is wrong with the header
+    raise UserError(f"{path}: not a checkpoint (neither safetensors nor a torch.save file; a diffusers model is a folder)")
 
 
 def infer_config(sd, info=None):
@@ -160,6 +161,9 @@ def build_strict(cfg, sd, where="checkpoint"):
 OBJECTIVES = {"dit": "diffusion", "sit": "flow", "mar": "mar"}
 
 
+MODEL_NAMES = {"dit": "DiT", "sit": "SiT", "mar": "MAR"}  # --model values as the papers write them
+
+
 def load(path, expect=None, model=None, **overrides):
     """Load any supported checkpoint as a DiT (or SiT: the same network) in eval mode.
 
@@ -171,7 +175,7 @@ def load(path, expect=None, model=None, **overrides):
     sd, info = read(path)
     if "z_proj.weight" in sd:  # MAR's keys
         if model not in (None, "mar"):
-            raise UserError(f"{path} is a MAR checkpoint; --model {model} asks for a {model.upper()}")
+            raise UserError(f"{path} is a MAR checkpoint; --model {model} asks for a {MODEL_NAMES[model]}")
         from ..models.mar import mar_from_state_dict
 
         return mar_from_state_dict(sd, info, path, **overrides)
@@ -183,7 +187,7 @@ def load(path, expect=None, model=None, **overrides):
         want = OBJECTIVES[model]
         if said is not None and said != want:
             names = {v: k for k, v in OBJECTIVES.items()}
-            raise UserError(f"{path} is a {names[said].upper()} checkpoint (its metadata says objective {said!r}); "
+            raise UserError(f"{path} is a {MODEL_NAMES[names[said]]} checkpoint (its metadata says objective {said!r}); "
                             f"--model {model} would use it with the {want} objective")
         cfg.objective = want
     for k, v in overrides.items():

@@ -121,9 +121,9 @@ def evaluate_npz(ref_path, sample_path, inception_path, batch_size=64, device="c
     from .inception import features, load_inception
     from .stats import frechet_distance, gaussian_stats
 
-    model = load_inception(inception_path).to(device)
-    ref_images = read_images(ref_path)
+    ref_images = read_images(ref_path)  # the user's two files are checked before the weights are looked for
     samples = read_images(sample_path, resolution=ref_images.shape[1])
+    model = load_inception(inception_path).to(device)
     if len(samples) < 2 or len(ref_images) < 2:
         raise UserError(f"need at least 2 images in each batch for covariances; got {len(ref_images)} reference "
                         f"and {len(samples)} samples")

@@ -2,7 +2,11 @@
 
 The floor: the real set is split at random into two disjoint halves A and B, and FID(A, B) is what a
 perfect generator would score; one split is noisy, so it is averaged over `splits` random splits. The
-samples are scored on the same footing: for each split, FID(samples drawn to |A|, B), averaged.
+splits come from a generator of their own, so the floor depends on the real set and the seed only, never
+on the number of samples. The samples are scored against each split's B: FID(min(N, |A|) samples, B),
+averaged. At N >= |A| (898 of the 1797 digits) that is the floor's footing, |A| against |B|; below it the
+FID compares N samples with |B| reals and is biased upward (FID's bias grows as the sample count falls),
+so FIDs are comparable at equal sample counts only.
 """
 import numpy as np
 import torch
@@ -13,6 +17,7 @@ from .stats import fid_from_features, precision_recall
 
 
 MIN_SAMPLES = 20  # 2 per class: the FID needs a covariance, precision/recall a k-th (3rd) neighbour
+FOOTING = 898  # half the real set: from this many samples on, the FID stands on the floor's footing
 
 
 def check_sample_count(n, flag="--samples"):
@@ -22,6 +27,10 @@ def check_sample_count(n, flag="--samples"):
     if n < MIN_SAMPLES:
         raise UserError(f"{flag} {n}: a digits evaluation needs at least {MIN_SAMPLES} samples "
                         "(its FID and k-NN precision/recall are undefined below that)")
+    if n < FOOTING:
+        print(f"note: {flag} {n} is below {FOOTING}: the digits-FID then compares {n} samples with {FOOTING + 1} "
+              f"reals and reads higher than at {FOOTING}+ samples (the floor's footing); compare FIDs at equal "
+              "sample counts", flush=True)
 
 
 def digits_metrics(samples, labels, splits=20, seed=0, k=3, classifier=None):
@@ -31,14 +40,14 @@ def digits_metrics(samples, labels, splits=20, seed=0, k=3, classifier=None):
     real_f, _ = embed_and_classify(net, real_x)
     fake_f, pred = embed_and_classify(net, samples.clamp(-1, 1))
     real_f, fake_f = real_f.numpy(), fake_f.numpy()
-    rng = np.random.default_rng(seed)
+    split_rng, pick_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     half = len(real_f) // 2
     floor, fid = [], []
     for _ in range(splits):
-        perm = rng.permutation(len(real_f))
+        perm = split_rng.permutation(len(real_f))
         a, b = real_f[perm[:half]], real_f[perm[half:]]
         floor.append(fid_from_features(a, b))
-        pick = rng.choice(len(fake_f), size=min(half, len(fake_f)), replace=False)
+        pick = pick_rng.choice(len(fake_f), size=min(half, len(fake_f)), replace=False)
         fid.append(fid_from_features(fake_f[pick], b))
     precision, recall = precision_recall(real_f, fake_f, k=k)
     floor_mean = float(np.mean(floor))

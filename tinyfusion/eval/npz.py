@@ -5,7 +5,6 @@ noise from seed + i and its labels from a fixed seeded spread of the classes, so
 neither the number of ranks nor interruptions. Each finished chunk is a file in OUT.npz.parts/ (written
 atomically, kept on a rerun: that is the resume); rank 0 packs them in order into OUT.npz at the end.
 """
-import json
 import os
 import zipfile
 
@@ -41,27 +40,21 @@ def parts_dir(out):
     return out + ".parts"
 
 
-RECORD = "run.json"
-
-
 def check_record(folder, record, rank=0):
     """The parts folder records what made its chunks (checkpoint, sampler settings, sizes, precision); a
     rerun reuses them only when that matches, else one line naming what differs (reused chunks of another
     checkpoint or setting would pack into a wrong .npz silently). Rank 0 writes the record."""
-    path = os.path.join(folder, RECORD)
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                earlier = json.load(f)
-        except (OSError, ValueError):
-            earlier = {}
-        diff = sorted(k for k in set(record) | set(earlier) if record.get(k) != earlier.get(k))
+    from ..training.run_folder import RECORD, differing, read_record, write_record
+
+    earlier = read_record(folder) if os.path.isdir(folder) else None
+    if earlier is not None:
+        diff = differing(record, earlier)
         if diff:
             raise UserError(f"{folder} holds chunks of another run (its {', '.join(diff)} differ from this one's, "
                             f"see {RECORD} there); remove the folder to start over")
     elif rank == 0:
         os.makedirs(folder, exist_ok=True)
-        atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(record, indent=1, sort_keys=True)))
+        write_record(folder, record)
 
 
 def sample_to_npz(model, num_samples, settings, batch_size, out, rank=0, world=1, decode=None, progress=True,

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import UserError, read_json
 
 BANK_KEYS = {
     "PixArtTransformer2DModel": ("encoder_hidden_states",),
@@ -133,26 +133,20 @@ def load_bank(path):
 
 def load_denoiser(folder, cond=None, class_dropout_prob=0.1):
     """A diffusers transformer folder (any supported class) as a DiffusersDenoiser."""
-    import json
-
     from .diffusers_stacks import load_folder
 
     den = DiffusersDenoiser(load_folder(folder), load_bank(cond) if cond else None, class_dropout_prob)
     info = os.path.join(folder, "tinyfusion.json")  # written beside a pruned or recovered folder
     den.provenance = {"source": os.path.abspath(folder)}
     if os.path.isfile(info):
-        with open(info) as f:
-            den.provenance = json.load(f)
+        den.provenance = read_json(info)
     return den
 
 
 def is_diffusers_transformer_folder(path):
     """A diffusers folder of a class other than DiT (DiT folders load as our own DiT instead)."""
-    import json
-
     cfg = os.path.join(path, "config.json")
     if not (os.path.isdir(path) and os.path.isfile(cfg)):
         return False
-    with open(cfg) as f:
-        name = json.load(f).get("_class_name")
+    name = read_json(cfg).get("_class_name")
     return name is not None and name != "DiTTransformer2DModel"

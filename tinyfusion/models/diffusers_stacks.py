@@ -14,7 +14,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..errors import UserError
+from ..errors import UserError, read_json
 from .stack_base import BlockStack
 
 
@@ -128,14 +128,12 @@ def diffusers_stack(model):
 
 def load_folder(path):
     """A diffusers transformer folder -> the model, for any class in FAMILIES."""
-    import json
     import os
 
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{path}: not a diffusers model folder (no config.json)")
-    with open(cfg_path) as f:
-        name = json.load(f).get("_class_name")
+    name = read_json(cfg_path).get("_class_name")
     if name not in FAMILIES:
         raise UserError(f"{path}: _class_name {name!r} has no block-stack adapter; supported: {', '.join(FAMILIES)}")
     import diffusers

@@ -26,6 +26,15 @@ class KDWeights:
         """Linear decay from beta_start to beta_end over training (progress in [0, 1])."""
         return self.beta_start + (self.beta_end - self.beta_start) * progress
 
+    @staticmethod
+    def fields_used(kd):
+        """The weights a --kd mode reads: none trains on the diffusion loss alone, logits adds output KD."""
+        return {"none": (), "logits": ("alpha_kd", "alpha_gt"),
+                "masked": ("alpha_kd", "alpha_gt", "beta_start", "beta_end", "mask_k")}[kd]
+
+    def used(self, kd):
+        return {k: getattr(self, k) for k in self.fields_used(kd)}
+
 
 def alignment(groups, kept):
     """(student layer, teacher layer) pairs whose hidden states are matched.
