@@ -18,6 +18,12 @@ def test_digits_are_real_and_scaled():
     assert x.shape == (1797, 1, 8, 8) and y.shape == (1797,)
     assert x.min() == -1 and x.max() == 1 and set(y.tolist()) == set(range(10))
     assert load_digits_tensors(16)[0].shape == (1797, 1, 16, 16)
+    # read without importing scikit-learn, yet exactly what its load_digits returns (the peer)
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    assert torch.equal(x[:, 0], torch.from_numpy(ref.images.astype(np.float32) / 16.0 * 2.0 - 1.0))
+    assert torch.equal(y, torch.from_numpy(ref.target.astype(np.int64)))
 
 
 def make_latents(root, n=5, label=lambda i: i % 3, stack=2):

@@ -27,7 +27,7 @@ def cli(main):
             print("error: interrupted", file=sys.stderr)
             sys.exit(130)
         finally:
-            for f in on_exit:
+            for f in list(on_exit):  # a callable may remove itself
                 f()
 
     return wrapper

@@ -25,6 +25,7 @@ from .recovery.finetune import FinetuneConfig, Recovery
 from .recovery.kd import KDWeights, alignment
 from .training import add_engine_args, engine_config
 from .training.distributed import cleanup, setup_run
+from .training.fsdp import state_exists
 from .training.run_folder import add_overwrite_arg, claim, record_of
 from .training.runlog import RunLog, plot_curve
 
@@ -135,7 +136,7 @@ def check_lineage(args, student, teacher, info):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_run(args.global_batch_size, args.out)
+    rank, world, device = setup_run(args.global_batch_size, args.out, args.fsdp)
     torch.manual_seed(args.seed)
     student = checkpoint.load_trainable(args.ckpt, args.model, args.data_path, args.cond)
     info = student.provenance
@@ -164,7 +165,7 @@ def main(argv=None):
     rec = Recovery(student, teacher, pairs, diffusion, data, cfg, rank, world, device, engine_config(args), log)
     state_path = os.path.join(args.out, "finetune_state.pt")
     if args.resume:
-        if not os.path.isfile(state_path):
+        if not state_exists(state_path):
             raise UserError(f"--resume: no state at {state_path}")
     args.teacher = teacher_path
     claim(args.out, record_of("finetune", args, files=("ckpt", "teacher")), args.resume, args.overwrite, rank, device)

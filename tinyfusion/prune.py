@@ -36,6 +36,7 @@ from .pruning.plots import plot_decisions, plot_scores
 from .pruning.surgery import prune_model
 from .training import add_engine_args, engine_config
 from .training.distributed import cleanup, setup_run
+from .training.fsdp import state_exists
 from .training.run_folder import add_overwrite_arg, claim, record_of
 from .training.runlog import RunLog
 
@@ -101,6 +102,11 @@ def parse_args(argv):
     if args.target_depth and args.method == "learnable":
         raise UserError("--target-depth sets the score baselines' depth; the learnable search keeps what "
                         "--scheme/--groups keep (e.g. --scheme 1:2 halves the depth)")
+    if args.fsdp and args.keep_update:
+        raise UserError("--keep-update with --fsdp is not supported: the merged update would need the sharded "
+                        "search model gathered whole; run the search without --keep-update (the paper's default)")
+    if args.fsdp and args.method != "learnable":
+        raise UserError(f"--fsdp shards a training run; --method {args.method} does not train")
     if args.steps and args.epochs:
         raise UserError("--steps and --epochs both set the search's length: give one")
     if (args.steps or args.epochs) and args.method != "learnable":
@@ -135,7 +141,7 @@ def run_learnable(args, model, groups, diffusion, rank, world, device, log, comm
     search = LearnableSearch(model, diffusion, data, cfg, rank, world, device, engine_config(args), log)
     state_path = os.path.join(args.out, "search_state.pt")
     if args.resume:
-        if not os.path.isfile(state_path):
+        if not state_exists(state_path):
             raise UserError(f"--resume: no search state at {state_path}")
     claim_out(args, rank, device)
     if args.resume:
@@ -209,7 +215,7 @@ def run_baseline(args, model, k, diffusion, calib):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_run(args.global_batch_size, args.out)
+    rank, world, device = setup_run(args.global_batch_size, args.out, args.fsdp)
     torch.manual_seed(args.seed)  # LoRA initialization: the same on every rank and in every run
     source = checkpoint.load_trainable(args.ckpt, args.model, args.data_path, args.cond)
     stack = block_stack(source)

@@ -23,6 +23,7 @@ from .models.mar import MAR, MARConfig
 from .training import Engine, add_engine_args, engine_config
 from .training.denoising import DenoiserTraining, TrainConfig
 from .training.distributed import cleanup, setup_run
+from .training.fsdp import state_exists
 from .training.run_folder import add_overwrite_arg, claim, record_of
 from .training.runlog import RunLog, plot_curve
 
@@ -110,9 +111,9 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     run_dir = os.path.join(args.results_dir, args.name)
-    rank, world, device = setup_run(args.global_batch_size, run_dir)
+    rank, world, device = setup_run(args.global_batch_size, run_dir, args.fsdp)
     state_path = os.path.join(run_dir, "checkpoints", "last.pt")
-    if args.resume and not os.path.isfile(state_path):
+    if args.resume and not state_exists(state_path):
         raise UserError(f"--resume: no checkpoint at {state_path}")
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
 
@@ -136,9 +137,10 @@ def main(argv=None):
         log.write(f"{engine.precision} on {device}, {world} rank(s), grad-accum {args.grad_accum}", echo=False)
     t0 = time.time()
     engine.run(state_path)
+    ema = engine.ema_model()  # under FSDP gathered whole from the shards, by every rank
     if rank == 0:
         wall = time.time() - t0
-        checkpoint.save(task.ema, os.path.join(run_dir, "model.safetensors"), source="tinyfusion.train",
+        checkpoint.save(ema, os.path.join(run_dir, "model.safetensors"), source="tinyfusion.train",
                         preset=args.preset, steps=args.steps, seed=args.seed, global_batch_size=args.global_batch_size,
                         lr=args.lr, ema_decay=args.ema_decay, precision=engine.precision)
         curve = engine.curve

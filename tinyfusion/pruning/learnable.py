@@ -18,6 +18,7 @@ from ..errors import UserError
 from ..models.stack import block_stack
 from ..training import Engine, RunOptions
 from ..training.denoising import DenoisingTask
+from ..training.fsdp import full
 from ..training.precision import no_autocast, to_float
 from .gates import MaskGates
 from .lora import apply_lora
@@ -87,14 +88,26 @@ class LearnableSearch(DenoisingTask):
         self.cfg = cfg
         self.use_data(data, diffusion, cfg.class_dropout_prob, rank, world)
         self.grad_clip = cfg.grad_clip
-        self.net, self.weights, self.gate_params = attach_weight_update(model, cfg)
+        self.net, _, _ = attach_weight_update(model, cfg)
         self.model = self.net.model
         self.net.to(device)
-        self.trainable = self.weights + self.gate_params
-        self.ema = [p.detach().clone() for p in self.trainable]  # EMA of all trainable state, gates included
         self.history = []
         self.rank = rank
         self.engine = Engine(self, options or RunOptions(), rank, world, device, log)
+
+    # The trainable tensors are read from the modules, not kept: FSDP replaces the parameters with sharded ones.
+    @property
+    def weights(self):
+        """The recoverability update (LoRA, or the unfrozen weights): what is trainable in the model."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def gate_params(self):
+        return list(self.net.gates.parameters())
+
+    @property
+    def trainable(self):
+        return self.weights + self.gate_params
 
     # --- what the engine asks --------------------------------------------------------------------
     def param_groups(self):
@@ -106,7 +119,7 @@ class LearnableSearch(DenoisingTask):
         return self.weights
 
     def ema_pairs(self):
-        return self.ema, self.trainable
+        return [p.detach().clone() for p in self.trainable], self.trainable  # EMA of all trainable state, gates too
 
     def ema_decay(self, step):
         return self.cfg.ema_decay
@@ -144,7 +157,8 @@ class LearnableSearch(DenoisingTask):
 
     # --- the decision ----------------------------------------------------------------------------
     def ema_logits(self):
-        return self.ema[len(self.weights):]
+        """The gates' EMA logits, whole (under FSDP a gather: every rank calls it)."""
+        return [full(l) for l in self.engine.ema[len(self.weights):]]
 
     def decision(self):
         return [int(l.argmax()) for l in self.ema_logits()]

@@ -73,13 +73,22 @@ class Recovery(DenoisingTask):
         self.pairs = pairs if cfg.kd == "masked" else []
         self.net = WithHiddenStates(self.student, [s for s, _ in self.pairs])
         self.teacher_net = WithHiddenStates(self.teacher, [t for _, t in self.pairs]) if self.teacher is not None else None
-        frozen = block_stack(self.student).frozen
-        self.params = [p for n, p in self.student.named_parameters() if n not in frozen]
-        self.engine = Engine(self, options or RunOptions(), rank, world, device, log)
+        self.engine_options = options or RunOptions()
+        self.engine = Engine(self, self.engine_options, rank, world, device, log)
 
     # --- what the engine asks --------------------------------------------------------------------
-    def param_groups(self):
-        return [{"params": self.params, "lr": self.cfg.lr}]
+    def param_groups(self):  # read from the module: FSDP replaces the parameters with sharded ones
+        frozen = block_stack(self.student).frozen
+        return [{"params": [p for n, p in self.student.named_parameters() if n not in frozen], "lr": self.cfg.lr}]
+
+    def sharded_nets(self):
+        nets = super().sharded_nets()
+        if self.teacher is not None and self.engine_options.fsdp_teacher == "shard":
+            nets.append((self.teacher_net, block_stack(self.teacher).blocks))
+        return nets
+
+    def ema_module(self):
+        return self.ema
 
     def lrs(self, step):
         return [self.cfg.lr_at(step)]
@@ -124,8 +133,10 @@ class Recovery(DenoisingTask):
         wanted = set(snapshot_steps)
 
         def on_step(step):
-            if snapshot is not None and self.engine.rank == 0 and step in wanted:
-                snapshot(self.ema, step)
+            if snapshot is not None and step in wanted:
+                ema = self.engine.ema_model()  # under FSDP a gather every rank joins
+                if self.engine.rank == 0:
+                    snapshot(ema, step)
 
         self.engine.run(state_path, on_step)
-        return self.ema
+        return self.engine.ema_model()

@@ -61,10 +61,12 @@ class DenoiserTraining(DenoisingTask):
         self.model = self.net = model.train()
         self.ema = copy.deepcopy(model).requires_grad_(False)
         self.grad_clip, self.weight_decay = cfg.grad_clip, cfg.weight_decay
-        self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def param_groups(self):
-        return [{"params": self.params, "lr": self.cfg.lr}]
+    def param_groups(self):  # read from the module: FSDP replaces the parameters with sharded ones
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.cfg.lr}]
+
+    def ema_module(self):
+        return self.ema
 
     def lrs(self, step):
         c = self.cfg

@@ -5,12 +5,18 @@ import torch
 import torch.distributed as dist
 
 
-def setup():
-    """(rank, world_size, device). Initializes the process group only when launched by torchrun."""
+def setup(group_of_one=False):
+    """(rank, world_size, device). Initializes the process group when launched by torchrun, or as a group of
+    one process when asked (FSDP needs a group even alone: one GPU measuring its memory)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+    elif group_of_one and not dist.is_initialized():
+        from ..errors import on_exit
+
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        on_exit.append(_end_group_of_one)  # a command run in-process that fails leaves no group behind
     rank = dist.get_rank() if dist.is_initialized() else 0
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -21,14 +27,22 @@ def setup():
     return rank, world, device
 
 
-def setup_run(global_batch_size, run_dir):
+def _end_group_of_one():
+    from ..errors import on_exit
+
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        dist.destroy_process_group()
+    on_exit.remove(_end_group_of_one)
+
+
+def setup_run(global_batch_size, run_dir, fsdp=False):
     """setup() plus what every training CLI checks first: the batch splits evenly, rank 0 can write run_dir."""
     from ..errors import UserError, writable_file
 
     world = int(os.environ.get("WORLD_SIZE", "1"))  # checked before the process group waits for its peers
     if global_batch_size % world:
         raise UserError(f"--global-batch-size {global_batch_size} is not divisible by {world} ranks")
-    rank, world, device = setup()
+    rank, world, device = setup(group_of_one=fsdp)
     if rank == 0:
         writable_file(os.path.join(run_dir, "log.txt"))
     return rank, world, device

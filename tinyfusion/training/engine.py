@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..errors import UserError
 from .runlog import progress
+from . import fsdp
 from . import precision as amp
 from .blocks import wrap_blocks
 from .state import AsyncSaver, load
@@ -47,6 +48,9 @@ class RunOptions:
     compile_backend: str = "inductor"
     ckpt_minutes: float = 30.0  # also save when this much wall time passed since the last save (0: off)
     async_save: bool = True
+    fsdp: bool = False  # FSDP2: blocks and root sharded over the ranks, instead of DDP (training/fsdp.py)
+    fsdp_offload: bool = False  # parameters and optimizer state on the host (CUDA)
+    fsdp_teacher: str = "shard"  # the KD teacher: "shard" like the student, or "replicate" (whole on every rank)
 
 
 class Task:
@@ -71,8 +75,19 @@ class Task:
         return None
 
     def ema_pairs(self):
-        """(EMA tensors, the tensors they follow); empty for no EMA."""
+        """(EMA tensors, the tensors they follow); empty for no EMA. Under FSDP the engine keeps sharded
+        clones of the followed tensors instead (`Engine.ema`), so a task reads its EMA from there."""
         return [], []
+
+    def ema_module(self):
+        """The module whose parameters are the EMA tensors (what gets saved), or None."""
+        return None
+
+    def sharded_nets(self):
+        """(root module, its blocks) pairs FSDP shards: the trained net, and any frozen net (a KD teacher)."""
+        from ..models.stack import block_stack
+
+        return [(self.net, block_stack(self.model).blocks)]
 
     def ema_decay(self, step):
         return 0.9999
@@ -138,7 +153,12 @@ class Engine:
         if self.opts.grad_checkpoint or self.opts.compile:
             wrap_blocks(task.model, self.opts.grad_checkpoint, self.opts.compile, self.opts.compile_backend)
         task.net.to(self.device)
-        if world > 1:
+        if self.opts.fsdp:
+            fsdp.check_supported(task.model, self.opts.fsdp_offload, self.device)
+            for root, blocks in task.sharded_nets():  # new (DTensor) parameters: the task's lists are read after
+                fsdp.shard(root, blocks, self.precision, self.opts.fsdp_offload)
+            self.net = task.net
+        elif world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(task.net, device_ids=ids, gradient_as_bucket_view=True)
         else:
@@ -149,7 +169,13 @@ class Engine:
         self.opt, self.fused = adamw(groups, task.weight_decay, self.device)
         self.scaler = amp.grad_scaler(self.device, self.precision)
         self.ema, ema_src = task.ema_pairs()
-        self.ema_src = [p.detach() for p in ema_src]
+        if self.opts.fsdp:  # the EMA sharded like its model; the task's own EMA module waits on the meta device
+            self.ema = [p.detach().clone() for p in ema_src]
+            if task.ema_module() is not None:
+                task.ema_module().to("meta")
+        # the EMA update runs on this rank's shards (views: in-place updates reach the DTensors)
+        self.ema_local = [fsdp.local(e) for e in self.ema]
+        self.ema_src = [fsdp.local(p.detach()) for p in ema_src]
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.step, self.curve, self.names = 0, [], None
         z = lambda: torch.zeros((), device=self.device)  # noqa: E731
@@ -173,7 +199,8 @@ class Engine:
                 "window_start": self.window_start, "gen": self.gen.get_state(), "curve": json.dumps(self.curve),
                 "settings": json.dumps(self.settings(), default=list), "task": self.task.state()}
 
-    def load_state_dict(self, s):
+    def load_state_dict(self, s, tensors_loaded=False):
+        """`tensors_loaded`: parameters, EMA and optimizer state were read in place already (FSDP)."""
         if not isinstance(s, dict) or "settings" not in s:
             raise UserError("--resume: this state was written before the training engine (or is not a training "
                             "state) and cannot be resumed; start the run again")
@@ -183,14 +210,15 @@ class Engine:
             raise UserError(f"--resume: the saved run used different settings ({', '.join(diff)})")
         if s["step"] > self.task.cfg.steps:
             raise UserError(f"--resume: the saved run is at step {s['step']}, past --steps {self.task.cfg.steps}")
-        if len(s["params"]) != len(self.params) or len(s["ema"]) != len(self.ema):
-            raise UserError("--resume: the saved state holds a different set of parameters")
-        with torch.no_grad():
-            for p, v in zip(self.params, s["params"]):
-                p.copy_(v)
-            for e, v in zip(self.ema, s["ema"]):
-                e.copy_(v)
-        self.opt.load_state_dict(s["opt"])
+        if not tensors_loaded:
+            if len(s["params"]) != len(self.params) or len(s["ema"]) != len(self.ema):
+                raise UserError("--resume: the saved state holds a different set of parameters")
+            with torch.no_grad():
+                for p, v in zip(self.params, s["params"]):
+                    p.copy_(v)
+                for e, v in zip(self.ema, s["ema"]):
+                    e.copy_(v)
+            self.opt.load_state_dict(s["opt"])
         if self.scaler is not None and s["scaler"]:
             self.scaler.load_state_dict(s["scaler"])
         self.step = int(s["step"])
@@ -203,10 +231,41 @@ class Engine:
         self.task.load_state(s["task"])
 
     def resume(self, path):
-        self.load_state_dict(load(path))
+        if self.opts.fsdp:
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            tensors = self.sharded_tensors()
+            meta = fsdp.load_sharded(path, tensors)
+            set_state_dict(self.net, self.opt, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
+            self.load_state_dict(meta, tensors_loaded=True)
+        else:
+            self.load_state_dict(load(path))
+
+    def sharded_tensors(self):
+        """What an FSDP state holds as shards: the net's parameters, the optimizer state, the EMA."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.net, self.opt)
+        return {"model": model, "optim": optim, "ema": {str(i): e for i, e in enumerate(self.ema)}}
 
     def save(self, path):
-        self.saver.save(path, self.state_dict())
+        """The resumable state: rank 0 writes one file in the background; under FSDP every rank writes its
+        shards (torch.distributed.checkpoint), so every rank calls this."""
+        if self.opts.fsdp:
+            state = {k: v for k, v in self.state_dict().items() if k not in ("params", "ema", "opt")}
+            from .state import to_cpu
+
+            fsdp.save_sharded(path, self.sharded_tensors(), {**to_cpu(state), "world_size": self.world}, self.rank)
+        elif self.rank == 0:
+            self.saver.save(path, self.state_dict())
+
+    def ema_model(self):
+        """The task's EMA module with the EMA values; under FSDP gathered whole from the shards (every rank
+        calls it; the module lands on the host)."""
+        module = self.task.ema_module()
+        if self.opts.fsdp and module is not None:
+            fsdp.gather_into(module, self.ema, buffers_from=self.task.model)
+        return module
 
     # --- one step ------------------------------------------------------------------------------
     def train_step(self):
@@ -220,7 +279,9 @@ class Engine:
         total = None
         for i, batch in enumerate(micro):
             sync = self.world == 1 or i == k - 1
-            with (contextlib.nullcontext() if sync else self.net.no_sync()):
+            if self.opts.fsdp:
+                self.net.set_requires_gradient_sync(sync)
+            with (contextlib.nullcontext() if sync or self.opts.fsdp else self.net.no_sync()):
                 with amp.autocast(self.device, self.precision):
                     loss, parts = task.loss(self.net, batch, step)
                 if self.names is None:
@@ -233,7 +294,7 @@ class Engine:
             self.scaler.unscale_(self.opt)
         bad = ~torch.isfinite(total[0])
         if self.clip:
-            bad = bad | ~torch.isfinite(torch.nn.utils.clip_grad_norm_(self.clip, task.grad_clip))
+            bad = bad | ~torch.isfinite(fsdp.full(torch.nn.utils.clip_grad_norm_(self.clip, task.grad_clip)))
         bad = bad.float().reshape(1)
         if self.world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # a device tensor: NCCL and gloo both reduce it
@@ -251,8 +312,8 @@ class Engine:
         if self.ema:
             with torch.no_grad():
                 keep = 1.0 - (1.0 - task.ema_decay(step + 1)) * (1.0 - bad)  # 1 on a skipped step: no update
-                torch._foreach_mul_(self.ema, keep)
-                torch._foreach_add_(self.ema, torch._foreach_mul(self.ema_src, 1.0 - keep))
+                torch._foreach_mul_(self.ema_local, keep)
+                torch._foreach_add_(self.ema_local, torch._foreach_mul(self.ema_src, 1.0 - keep))
         if self.sums is None:
             self.sums = torch.zeros(len(self.names), device=self.device)
         self.sums += torch.where(bad > 0, torch.zeros_like(total), total)
@@ -315,15 +376,18 @@ class Engine:
                 self.train_step()
                 bar.update(1)
                 done, last = self.step, self.step == cfg.steps
-                if done % cfg.log_every == 0 or last:
+                logged = done % cfg.log_every == 0 or last
+                if logged:
                     self.log_point(bar)
                 elif done % cfg.max_bad_steps == 0:
                     self.check_bad(self.max_run.item())
-                due = done % cfg.ckpt_every == 0 or last or (
-                    self.opts.ckpt_minutes and time.time() - self.last_save >= 60 * self.opts.ckpt_minutes)
+                timed = bool(self.opts.ckpt_minutes) and time.time() - self.last_save >= 60 * self.opts.ckpt_minutes
+                if self.opts.fsdp and self.world > 1:  # every rank saves its shards together: rank 0's clock decides
+                    timed = logged and self.agree(timed)
+                due = done % cfg.ckpt_every == 0 or last or timed
                 if on_step is not None:
                     on_step(done)
-                if state_path and self.rank == 0 and due:
+                if state_path and due:
                     self.save(state_path)
                     self.last_save = time.time()
                     if os.environ.get(KILL_AFTER_STATE) == str(done):  # tests: die mid-run, state N on disk
@@ -334,12 +398,18 @@ class Engine:
             self.saver.wait()
         return self
 
+    def agree(self, flag):
+        """Rank 0's boolean, on every rank (one small collective)."""
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.broadcast(t, 0)
+        return bool(t.item())
+
     def summary(self):
         """What a run's metrics.json records about the run itself."""
         times = sorted(self.step_times[1:] or self.step_times)  # the first window holds compilation
         out = {"precision": self.precision, "grad_accum": self.opts.grad_accum, "world_size": self.world,
                "skipped_steps": self.skipped_steps, "fused_adamw": self.fused,
-               "grad_checkpoint": self.opts.grad_checkpoint, "compile": self.opts.compile}
+               "grad_checkpoint": self.opts.grad_checkpoint, "compile": self.opts.compile, "fsdp": self.opts.fsdp}
         if times:
             dt = times[len(times) // 2]
             out.update(median_step_s=round(dt, 5), images_per_s=round(self.task.cfg.global_batch_size / dt, 2))
