@@ -152,7 +152,7 @@ def test_evaluate_refuses_non_digits_models(tmp_path, capsys):
     assert_one_line_error(code, err, "give --vae")
 
 
-COMMANDS = ("train", "sample", "evaluate", "convert", "extract_features", "train_classifier", "prune", "finetune", "compare")
+COMMANDS = ("train", "sample", "evaluate", "convert", "extract_features", "train_classifier", "prune", "finetune", "compare", "plan")
 BENCH = ("latency", "latency_stacks", "kernels", "prune_compare", "train_speed", "train_smoke", "sampling")
 
 
@@ -222,6 +222,7 @@ BAD_INPUT = [  # (command, argv with {X} the output that must not appear and {T}
     ("convert", ["--to", "diffusers", "--ckpt", "{T}/missing.pt", "--out", "{X}"], "no such file"),
     ("extract_features", ["--data-path", "{T}/nothing", "--vae", "{T}/novae", "--out", "{X}"], "does not exist"),
     ("train_classifier", ["--epochs", "0", "--out", "{X}/c.safetensors"], "--epochs"),
+    ("plan", ["--model", "DiT-XL/2", "--keep", "3", "--json", "{X}/plan.json"], "--keep"),
     ("export/onnx", ["--ckpt", "{T}/missing.safetensors", "--out", "{X}"], "no such file"),
     ("export/trt", ["--batch", "8:4:2", "--out", "{X}"], "MIN <= OPT <= MAX"),
     ("bench/latency", ["--batch", "0", "--json", "{X}/lat.json"], "--batch"),

@@ -7,7 +7,7 @@ from conftest import ROOT
 
 PKG = os.path.join(ROOT, "tinyfusion")
 COMMANDS = {"prune", "finetune", "train", "sample", "evaluate", "compare", "convert", "extract_features",
-            "train_classifier"}
+            "train_classifier", "plan"}
 
 
 def modules():
