@@ -6,7 +6,8 @@
 #   0. bench/train_speed.py: the search and Masked-KD steps at DiT-XL/2's shape, bf16/fp16/fp32(+TF32),
 #      eager and compiled, beside the official TinyFusion code when a checkout travels in .official/
 #      (carry it: `git clone`/copy github.com/VainF/TinyFusion there; never committed); then
-#      bench/train_smoke.py: prune -> finetune -> SIGKILL -> --resume -> sample for DiT, SiT, MAR (NCCL)
+#      bench/train_smoke.py: prune -> finetune -> SIGKILL -> --resume -> sample for DiT, SiT, MAR (NCCL);
+#      bench/fsdp_step.py --nproc 1: train and Masked KD with --fsdp beside DDP, step time and peak memory
 #   1. the GPU tests (Triton kernels compiled for real, bf16 included; the training engine on CUDA)
 #   2. bench/latency.py --preset xl, eager beside triton, bf16, batch 64, CUDA graphs: DiT-XL/2 at 28/21/14/7;
 #      then bench/sampling.py --preset xl: guided DDIM images/s for eager, triton, triton + CUDA graphs at
@@ -33,7 +34,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # compiled kernels (tests/conftest.py would otherwise choose the interpreter)
 
-ONLY=${ONLY:-train smoke tests latency sampling stacks kernels compile attention cpu}  # a rerun can name just the stages it needs
+ONLY=${ONLY:-train smoke fsdp tests latency sampling stacks kernels compile attention cpu}  # a rerun can name just the stages it needs
 stage() {  # stage KEY NAME SECONDS COMMAND...: run under min(SECONDS, what is left of BUDGET)
     local key=$1 name=$2 limit=$3 left=$((BUDGET - SECONDS)); shift 3
     [[ " $ONLY " == *" $key "* ]] || return 0
@@ -51,6 +52,7 @@ OFFICIAL_ARG=(); [[ -f .official/train_masked_kd.py ]] && OFFICIAL_ARG=(--offici
 stage train "training step speed (ours, official)" 150 $PY bench/train_speed.py --device cuda "${OFFICIAL_ARG[@]}" \
     --json "$RES/train_speed.json"
 stage smoke "training commands under torchrun (NCCL)" 150 $PY bench/train_smoke.py --json "$RES/train_smoke.json"
+stage fsdp "FSDP beside DDP on one GPU" 60 $PY bench/fsdp_step.py --nproc 1 --steps 40 --json "$RES/fsdp_step.json"
 stage tests "GPU tests" 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_training.py \
     --junitxml="$RES/gpu_tests.xml"
 stage latency "latency xl: eager, triton" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
@@ -67,7 +69,8 @@ stage attention "latency xl: triton with our attention kernel" 90 env TINYFUSION
     --cuda-graphs --repeats 20 --no-width --json "$RES/latency_xl_triton_attention.json"
 stage cpu "CPU tests on this torch" 90 env CUDA_VISIBLE_DEVICES= $PY -m pytest -q -x -p no:cacheprovider -n 12 \
     tests/test_model.py tests/test_diffusion.py tests/test_flow.py tests/test_sit.py tests/test_mar.py \
-    tests/test_diffusers_stacks.py tests/test_pruning.py tests/test_checkpoint.py tests/test_training.py tests/test_data.py \
+    tests/test_diffusers_stacks.py tests/test_pruning.py tests/test_checkpoint.py tests/test_training.py tests/test_data.py tests/test_fsdp.py tests/test_memory_plan.py \
+    tests/test_run_folder.py \
     --junitxml="$RES/cpu_tests.xml"
 echo "results in $OUT/gpu_check.tgz after ${SECONDS}s"
 tar czf "$OUT/gpu_check.tgz" -C "$RES" .

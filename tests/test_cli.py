@@ -153,7 +153,7 @@ def test_evaluate_refuses_non_digits_models(tmp_path, capsys):
 
 
 COMMANDS = ("train", "sample", "evaluate", "convert", "extract_features", "train_classifier", "prune", "finetune", "compare", "plan")
-BENCH = ("latency", "latency_stacks", "kernels", "prune_compare", "train_speed", "train_smoke", "sampling")
+BENCH = ("latency", "latency_stacks", "kernels", "prune_compare", "train_speed", "train_smoke", "sampling", "fsdp_step")
 
 
 def test_every_command_has_help(capsys):
