@@ -125,6 +125,14 @@ def evaluate_file(ckpt, out_json, args):
         return json.load(f)
 
 
+def continue_flags(folder, state):
+    """A unit's folder after a killed run: --resume where its resumable state was saved, --overwrite where
+    the run died before that (the commands refuse a folder holding another run otherwise)."""
+    if os.path.isfile(os.path.join(folder, state)):
+        return ["--resume"]
+    return ["--overwrite"] if os.path.isdir(folder) and os.listdir(folder) else []
+
+
 def run_unit(args, teacher, name, prune_args, kd, seed, pruned_cache, finished):
     """Prune (shared between rows that differ only in recovery), recover, evaluate short and long."""
     from tinyfusion.finetune import main as finetune_main
@@ -134,7 +142,7 @@ def run_unit(args, teacher, name, prune_args, kd, seed, pruned_cache, finished):
     prune_dir = os.path.join(args.work, "prune", "-".join(a.strip("-") for a in prune_args), f"seed{seed}")
     if prune_key not in pruned_cache and not os.path.isfile(os.path.join(prune_dir, "decision.json")):
         call(prune_main, ["--ckpt", teacher, *prune_args, "--steps", str(args.search_steps), "--global-batch-size",
-                          str(args.batch), "--seed", str(seed), "--out", prune_dir])
+                          str(args.batch), "--seed", str(seed), "--out", prune_dir, *continue_flags(prune_dir, "search_state.pt")])
     pruned_cache[prune_key] = prune_dir
     with open(os.path.join(prune_dir, "decision.json")) as f:
         decision = json.load(f)
@@ -150,7 +158,7 @@ def run_unit(args, teacher, name, prune_args, kd, seed, pruned_cache, finished):
     rec_dir = os.path.join(args.work, "recover", name, f"seed{seed}")
     call(finetune_main, ["--ckpt", ckpt, "--teacher", teacher, "--kd", kd, "--steps", str(args.long), "--global-batch-size",
                          str(args.batch), "--seed", str(seed), "--snapshot-steps", str(args.short), "--eval-samples", "0",
-                         "--out", rec_dir] + (["--resume"] if os.path.isfile(os.path.join(rec_dir, "finetune_state.pt")) else []))
+                         "--out", rec_dir, *continue_flags(rec_dir, "finetune_state.pt")])
     short = evaluate_file(os.path.join(rec_dir, f"recovered-step{args.short}.safetensors"),
                           os.path.join(rec_dir, "eval-short.json"), args)
     long = evaluate_file(os.path.join(rec_dir, "recovered.safetensors"), os.path.join(rec_dir, "eval-long.json"), args)
@@ -171,12 +179,14 @@ def random_mask_unit(args, teacher, index):
 
     prune_dir = os.path.join(args.work, "random-masks", f"mask{index}")
     if not os.path.isfile(os.path.join(prune_dir, "decision.json")):
-        call(prune_main, ["--ckpt", teacher, "--method", "random", "--seed", str(1000 + index), "--out", prune_dir])
+        call(prune_main, ["--ckpt", teacher, "--method", "random", "--seed", str(1000 + index), "--out", prune_dir,
+                          *continue_flags(prune_dir, "no state: a baseline")])
     with open(os.path.join(prune_dir, "decision.json")) as f:
         decision = json.load(f)
     rec_dir = os.path.join(prune_dir, "recover")
     call(finetune_main, ["--ckpt", os.path.join(prune_dir, "pruned.safetensors"), "--teacher", teacher, "--kd", "none",
-                         "--steps", str(args.short), "--global-batch-size", str(args.batch), "--eval-samples", "0", "--out", rec_dir])
+                         "--steps", str(args.short), "--global-batch-size", str(args.batch), "--eval-samples", "0", "--out", rec_dir,
+                         *continue_flags(rec_dir, "finetune_state.pt")])
     m = evaluate_file(os.path.join(rec_dir, "recovered.safetensors"), os.path.join(rec_dir, "eval.json"), args)
     return {"kept": decision["kept"], "calibration_loss": decision["calibration_loss"], "digits_fid": m["digits_fid"],
             "class_accuracy": m["class_accuracy"]}

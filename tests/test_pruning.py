@@ -142,8 +142,8 @@ def test_search_ema_follows_every_trainable_tensor():
     s = search(m)
     start = [p.detach().clone() for p in s.trainable]
     s.engine.train_step()
-    assert len(s.ema) == len(s.trainable) == len(start)
-    for e, p0, p in zip(s.ema, start, s.trainable):
+    assert len(s.engine.ema) == len(s.trainable) == len(start)
+    for e, p0, p in zip(s.engine.ema, start, s.trainable):
         torch.testing.assert_close(e, 0.999 * p0 + 0.001 * p.detach(), rtol=0, atol=1e-7)
     assert any(not torch.equal(e, p0) for e, p0 in zip(s.ema_logits(), start[len(s.weights):]))
 

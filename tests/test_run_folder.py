@@ -3,7 +3,6 @@ is refused, a folder holding another run is refused unless --resume (same settin
 go first), a folder that is not a run is never cleared, and a killed run leaves no lock behind."""
 import json
 import os
-import signal
 
 import pytest
 
@@ -13,7 +12,7 @@ from tinyfusion.prune import main as prune_main
 from tinyfusion.train import main as train_main
 from tinyfusion.training import run_folder
 
-from conftest import assert_one_line_error, run_main, run_module, tiny_dit
+from conftest import assert_one_line_error, run_main, tiny_dit
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,8 @@ def test_a_folder_in_use_is_refused(tmp_path, capsys, teacher_and_pruned, name):
 
 @pytest.mark.parametrize("name", COMMANDS)
 def test_another_run_is_refused_resumed_only_alike_and_overwritten_whole(tmp_path, capsys, teacher_and_pruned, name):
-    """A rerun into an old --out mixed with the earlier run's files (a stale plot, a search state that
+    """(A killed run's lock: see test_prune_cli's kill-and-resume test, which resumes right after a SIGKILL.)
+    A rerun into an old --out mixed with the earlier run's files (a stale plot, a search state that
     --resume would pick up); --resume with other settings continued a different run."""
     out = tmp_path / "run"
     main, argv = command(name, teacher_and_pruned, out)
@@ -94,21 +94,6 @@ def test_a_folder_that_is_not_a_run_is_never_cleared(tmp_path, capsys, teacher_a
     code, _, err = run_main(main, [*argv, "--overwrite"], capsys)
     assert_one_line_error(code, err, "not a tinyfusion run")
     assert os.listdir(out) == ["notes.txt"]
-
-
-def test_a_killed_run_leaves_no_lock(tmp_path, teacher_and_pruned):
-    """The lock is the kernel's (flock on the folder): SIGKILL cannot leave it held, so --resume goes on."""
-    from tinyfusion.training.engine import KILL_AFTER_STATE
-
-    teacher, _ = teacher_and_pruned
-    out = tmp_path / "cut"
-    args = ["-m", "tinyfusion.prune", "--ckpt", teacher, "--global-batch-size", "8", "--calib-samples", "16",
-            "--steps", "4", "--ckpt-every", "2", "--out", str(out)]
-    killed = run_module(args, env={KILL_AFTER_STATE: "2"})
-    assert killed.returncode == -signal.SIGKILL
-    resumed = run_module([*args, "--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming the search at step 2 of 4" in resumed.stdout
 
 
 def test_a_corrupt_record_is_one_line(tmp_path, capsys, teacher_and_pruned):

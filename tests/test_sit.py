@@ -59,7 +59,7 @@ def test_official_layout_loads_as_sit_and_metadata_guards_the_objective(tmp_path
     tinyfusion.save(m, str(st))
     assert tinyfusion.load(str(st)).config.objective == "flow"
     code, _, err = run_main(evaluate_main, ["--ckpt", str(st), "--model", "dit", "--samples", "20"], capsys)
-    assert code == 2 and "SIT checkpoint" in err and "Traceback" not in err
+    assert code == 2 and "SiT checkpoint" in err and "Traceback" not in err
     code, _, err = run_main(sample_main, ["--ckpt", str(st), "--sampler", "ddim", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 2 and "does not fit a SiT" in err
 

@@ -10,7 +10,6 @@ to the output of its teacher block, derived from the decision's N:M or mixed gro
 (default: <pruned folder>/recover-<kd>/): recovered.safetensors (EMA weights), metrics.json (loss
 curve and a final evaluation), loss.png, log.txt, finetune_state.pt (`--resume` continues a killed run).
 """
-import json
 import os
 import sys
 import time

@@ -127,7 +127,8 @@ def main(argv=None):
     task = DenoiserTraining(model, create_objective(cfg), data, tc, rank, world)
     log = RunLog(run_dir, enabled=rank == 0)
     engine = Engine(task, engine_config(args), rank, world, device, log)
-    claim(run_dir, record_of("train", args), args.resume, args.overwrite, rank, device)
+    # training at a constant rate (after warm-up) may be continued past its --steps, as the official DiT's is
+    claim(run_dir, record_of("train", args, ignore=("steps",)), args.resume, args.overwrite, rank, device)
     if args.resume:
         engine.resume(state_path)
     if rank == 0:

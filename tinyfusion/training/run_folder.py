@@ -37,13 +37,13 @@ def release():
         os.close(_locks.popitem()[1])
 
 
-def record_of(command, args, files=()):
-    """What makes a run's result: every argument but those in NOT_RESULT (paths made absolute) and the SHA-256
+def record_of(command, args, files=(), ignore=()):
+    """What makes a run's result: every argument but those in NOT_RESULT and `ignore` (paths made absolute) and the SHA-256
     of each checkpoint named in `files` (an argument name; the path itself is left out, since a moved
     checkpoint is the same input)."""
     record = {"command": command}
     for key, value in sorted(vars(args).items()):
-        if key in NOT_RESULT or key in files or callable(value):
+        if key in NOT_RESULT or key in ignore or key in files or callable(value):
             continue
         if key.endswith("_path") and isinstance(value, str):
             value = os.path.abspath(value)
