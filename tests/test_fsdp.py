@@ -122,3 +122,18 @@ def test_one_process_fsdp_runs_and_its_state_refuses_another_rank_count(tmp_path
     assert one.returncode == 0, failure(one)
     res = run_module([*torchrun(2), "-m", "tinyfusion.prune", *args, "--resume"])
     assert res.returncode != 0 and "written by 1 rank(s); resume it on 1, not 2" in res.stderr, failure(res)
+
+
+def test_train_sharded_on_two_ranks_equals_one_plain_process(tmp_path, capsys):
+    """`train --fsdp`: the EMA kept as shards and gathered into model.safetensors by rank 0 equals the plain
+    run's (an EMA that followed one rank's shard, or a gather in the wrong order, fails)."""
+    from tinyfusion.train import main as train_main
+
+    args = ["--preset", "digits", "--depth", "2", "--global-batch-size", "8", "--steps", "4", "--log-every", "2",
+            "--results-dir", str(tmp_path)]
+    assert run_main(train_main, [*args, "--name", "one"], capsys)[0] == 0
+    two = run_module([*torchrun(2), "-m", "tinyfusion.train", *args, "--fsdp", "--name", "two"])
+    assert two.returncode == 0, failure(two)
+    wa, wb = (tinyfusion.load(str(tmp_path / n / "model.safetensors")).state_dict() for n in ("one", "two"))
+    assert_close_weights(wa, wb, atol=1e-6)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["run"]["fsdp"]
