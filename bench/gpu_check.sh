@@ -9,7 +9,8 @@
 #      bench/train_smoke.py: prune -> finetune -> SIGKILL -> --resume -> sample for DiT, SiT, MAR (NCCL);
 #      bench/fsdp_step.py --nproc 1: train and Masked KD with --fsdp beside DDP, step time and peak memory
 #   1. the GPU tests (Triton kernels compiled for real, bf16 included; the training engine on CUDA)
-#   2. bench/latency.py --preset xl, eager beside triton, bf16, batch 64, CUDA graphs: DiT-XL/2 at 28/21/14/7;
+#   2. bench/latency.py --preset xl, eager beside triton and triton+fp8 (E4M3 block GEMMs), bf16, batch 64,
+#      CUDA graphs: DiT-XL/2 at 28/21/14/7;
 #      then bench/sampling.py --preset xl: guided DDIM images/s for eager, triton, triton + CUDA graphs at
 #      depths 28/14/7 and batches 8/64/256 (DDPM-250's images/s follow from the same step time)
 #   3. bench/latency_stacks.py --preset gpu: diffusers DiT/PixArt/SD3/Flux at XL width, 28 blocks (needs
@@ -55,8 +56,8 @@ stage smoke "training commands under torchrun (NCCL)" 150 $PY bench/train_smoke.
 stage fsdp "FSDP beside DDP on one GPU" 60 $PY bench/fsdp_step.py --nproc 1 --steps 40 --json "$RES/fsdp_step.json"
 stage tests "GPU tests" 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_training.py \
     --junitxml="$RES/gpu_tests.xml"
-stage latency "latency xl: eager, triton" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
-    --backends eager triton --cuda-graphs --repeats 20 --json "$RES/latency_xl.json"
+stage latency "latency xl: eager, triton, triton+fp8" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
+    --backends eager triton triton+fp8 --cuda-graphs --repeats 20 --json "$RES/latency_xl.json"
 stage sampling "sampling throughput xl: eager, triton, triton+graphs" 120 $PY bench/sampling.py --preset xl --device cuda \
     --variants eager triton triton+graphs --samplers ddim --steps 3 --warmup 1 --json "$RES/sampling_xl.json"
 stage stacks "latency of the diffusers stacks" 120 $PY bench/latency_stacks.py --preset gpu --device cuda --dtype bf16 \

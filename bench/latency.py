@@ -42,8 +42,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def parse_args(argv):
     p = Parser(prog="python bench/latency.py", description=__doc__)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    p.add_argument("--backends", nargs="+", choices=list(BACKENDS),
-                   help="default: every backend that runs on the device (cpu: eager compile cpp onnxruntime)")
+    p.add_argument("--backends", nargs="+", choices=[*BACKENDS, "triton+fp8", "cpp+fp8"],
+                   help="default: every backend that runs on the device (cpu: eager compile cpp onnxruntime); "
+                        "triton+fp8 / cpp+fp8: the block GEMMs in FP8 (runtime/fp8.py)")
     p.add_argument("--depths", nargs="+", type=int, help="default: the full depth and its 3/4, 1/2, 1/4")
     p.add_argument("--batch", type=positive(), help="default: the preset's (cpu 8, xl 32)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: the preset's (cpu fp32, xl bf16)")
@@ -190,19 +191,26 @@ def fit_line(depths, ms):
     return a, b, (1 - ss_res / ss_tot) if ss_tot else 1.0
 
 
-def measure_all(args):
-    """Median latency of every (backend, model) case. The cases are timed in interleaved rounds, one
-    forward each per round, so drift in a shared machine's load hits every case alike."""
+def load_backend(model, backend, args):
+    """A backend name, or NAME+fp8 for its FP8 block GEMMs."""
+    name, _, fp8 = backend.partition("+")
+    return load(model, name, args.device, "fp8" if fp8 else DTYPES[args.dtype])
+
+
+def measure_backend(args, backend):
+    """Median latency of every model (each depth, and the width-pruned one) of one backend. Its cases are
+    timed in interleaved rounds, one forward each per round, so drift in a shared machine's load hits every
+    depth alike (the fit and the half-depth speed-up compare those); a backend's results are written before
+    the next backend starts, so a run cut off by a time limit keeps every backend it finished."""
     full = PRESETS[args.preset]["config"]["depth"]
     configs = [(d, make_config(args.preset, d)) for d in args.depths]
     if not args.no_width and args.depths[0] == full:
         configs.append(("width", make_config(args.preset, full, 1 / math.sqrt(2))))
     cases = {}
-    for backend in args.backends:
-        for key, config in configs:
-            rt = load(random_model(config), backend, args.device, DTYPES[args.dtype])
-            cases[backend, key] = (rt, prepared_forward(rt, args))
-            print(f"  ready: {backend} {'width-pruned' if key == 'width' else f'depth {key}'}", flush=True)
+    for key, config in configs:
+        rt = load_backend(random_model(config), backend, args)
+        cases[backend, key] = (rt, prepared_forward(rt, args))
+        print(f"  ready: {backend} {'width-pruned' if key == 'width' else f'depth {key}'}", flush=True)
     times = {case: [] for case in cases}
     with torch.no_grad():
         for _ in range(args.repeats):
@@ -236,7 +244,7 @@ def backend_result(backend, args, gflops, medians, runtimes):
 
 def profile(backend, args, depth):
     """Where the time goes: the top operators of a few full-depth forwards, as a text table beside the JSON."""
-    rt = load(random_model(make_config(args.preset, depth)), backend, args.device, DTYPES[args.dtype])
+    rt = load_backend(random_model(make_config(args.preset, depth)), backend, args)
     prepared_forward(rt, args)  # warm (and compile) before profiling
     x = torch.randn(args.batch, 4, 32, 32).to(args.device, DTYPES[args.dtype])
     t = torch.zeros(args.batch, dtype=torch.long, device=args.device)
@@ -339,14 +347,18 @@ def main(argv=None):
     print(f"GEMM rate ({tokens}x{top.hidden_size} @ {top.hidden_size}x{int(top.hidden_size * top.mlp_ratio)}, "
           f"{args.dtype}): " + ", ".join(f"{k} {v:.1f}" for k, v in paths.items()) +
           f" GFLOP/s; the floor uses the fastest, {gflops:.1f}", flush=True)
-    medians, runtimes = measure_all(args)
-    results = [backend_result(b, args, gflops, medians, runtimes) for b in args.backends]
     summary = {"preset": args.preset, "machine": machine(args), "date": time.strftime("%Y-%m-%d"),
                "command": "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "batch": args.batch, "dtype": args.dtype, "device": args.device, "tokens": 256,
-               "hidden_size": top.hidden_size, "gemm_gflops": gflops, "gemm_paths": paths, "results": results,
-               "wall_s": time.time() - t0}
-    write_outputs(summary, args)
+               "hidden_size": top.hidden_size, "gemm_gflops": gflops, "gemm_paths": paths, "results": [],
+               "backends_left": list(args.backends)}
+    for backend in args.backends:
+        medians, runtimes = measure_backend(args, backend)
+        summary["results"].append(backend_result(backend, args, gflops, medians, runtimes))
+        summary["backends_left"].remove(backend)
+        summary["wall_s"] = time.time() - t0
+        write_outputs(summary, args)  # after every backend: a cut-off run keeps what it finished
+        del medians, runtimes
     print(table(summary))
     return summary
 

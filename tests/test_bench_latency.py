@@ -21,7 +21,7 @@ def test_small_run_writes_fit_and_outputs(tmp_path, capsys):
                                                 "--warmup", "1", "--repeats", "2", "--json", str(out)], capsys)
     assert code == 0, err
     summary = json.loads(out.read_text())
-    assert [r["backend"] for r in summary["results"]] == ["eager", "cpp"]
+    assert [r["backend"] for r in summary["results"]] == ["eager", "cpp"] and summary["backends_left"] == []
     # the floor's GEMM rate is the fastest path this machine has, each one measured in the same run
     assert set(summary["gemm_paths"]) == {"torch", "onednn", "onnxruntime"} and all(v > 0 for v in summary["gemm_paths"].values())
     assert summary["gemm_gflops"] == max(summary["gemm_paths"].values())
@@ -42,6 +42,25 @@ def test_small_run_writes_fit_and_outputs(tmp_path, capsys):
         assert [written[d] for d in (4, 2, 1)] == pytest.approx(ms, rel=1e-3)
     assert (tmp_path / "lat.png").stat().st_size > 0
     assert "| eager |" in stdout and "| cpp |" in stdout
+
+
+def test_a_run_cut_off_keeps_every_backend_it_finished(tmp_path, capsys, monkeypatch):
+    """The JSON is written after every backend: a GPU run cut off by its time limit (here: the second
+    backend dies) keeps the first backend's results and says which are missing."""
+    out = tmp_path / "cut.json"
+    real = latency.measure_backend
+
+    def dies_on_cpp(args, backend):
+        if backend == "cpp":
+            raise KeyboardInterrupt  # what a time limit's signal does to the run
+        return real(args, backend)
+
+    monkeypatch.setattr(latency, "measure_backend", dies_on_cpp)
+    code, _, _ = run_main(latency.main, ["--backends", "eager", "cpp", "--depths", "2", "1", "--batch", "1",
+                                         "--warmup", "1", "--repeats", "1", "--no-width", "--json", str(out)], capsys)
+    assert code == 130
+    summary = json.loads(out.read_text())
+    assert [r["backend"] for r in summary["results"]] == ["eager"] and summary["backends_left"] == ["cpp"]
 
 
 def test_one_depth_writes_a_null_fit_not_nan(tmp_path, capsys):

@@ -89,6 +89,26 @@ def test_triton_backend_matches_eager_at_dit_xl_width(dtype, attention, monkeypa
     assert rel < (1e-4 if dtype == torch.float32 else 2e-2), rel
 
 
+def test_fp8_forward_at_dit_xl_2_stays_within_the_accuracy_goal():
+    """DiT-XL/2 at full depth (28 blocks), every block Linear through _scaled_mm in E4M3 on Hopper, against the
+    bf16 forward. Random weights whose blocks matter are the hard case: on the CPU the same forward reaches
+    0.99839 against fp32 (E4M3's per-GEMM floor, tests/test_fp8.py); the goal of 0.999 is met by the trained
+    digits teacher (0.99992). Here: the GPU path agrees with that, within bf16's own error."""
+    from conftest import randomized
+    from tinyfusion.models import config_from_name
+
+    torch.manual_seed(0)
+    model = randomized(DiT(config_from_name("DiT-XL/2", input_size=32)))
+    x, t, y = torch.randn(8, 4, 32, 32), torch.randint(0, 1000, (8,)), torch.randint(0, 1000, (8,))
+    with torch.no_grad():
+        ref = runtime.load(model, "triton", "cuda", torch.bfloat16)(x.cuda(), t.cuda(), y.cuda()).float()
+        rt = runtime.load(model, "triton", "cuda", "fp8")
+        got = rt(x.cuda(), t.cuda(), y.cuda()).float()
+    assert rt.backend == "triton+fp8"
+    cos = F.cosine_similarity(got.flatten(), ref.flatten(), dim=0).item()
+    assert cos >= 0.997, cos
+
+
 def test_sampling_defaults_to_the_gpu_in_bf16_and_stays_near_fp32(tmp_path):
     """sample/evaluate's defaults on a GPU machine: cuda and bf16 (the Runtime casts the fp32 sampler state
     in and the output back), for eager and triton; the samples near the fp32 ones on the same device, the

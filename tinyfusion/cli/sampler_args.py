@@ -41,9 +41,12 @@ def add_sampler_args(p):
     add_backend_arg(g)
     g.add_argument("--device", help="where the model runs (default: cuda when there is a GPU, else cpu; the cpp and "
                                     "onnxruntime backends run on the cpu)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8"],
                    help="the model's weights and activations (default auto: bf16 on CUDA, fp32 on the cpu and for the "
-                        "cpp, onnxruntime and tensorrt backends); the sampler's state stays fp32")
+                        "cpp, onnxruntime and tensorrt backends); the sampler's state stays fp32. fp8: every block "
+                        "Linear in E4M3 (per-channel weight, per-token activation scales) around a bf16 model with "
+                        "--backend triton on a GPU, or an fp32 model with --backend cpp (PyTorch's slow reference "
+                        "FP8 GEMM: for accuracy)")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="replay each forward from a CUDA graph (eager, compile, triton on a GPU): one launch per step")
 
@@ -72,6 +75,10 @@ def device_and_dtype(args, default_device=None):
     else:
         dtype = args.dtype
     configure_tf32(device, True)  # fp32 on CUDA: TF32 GEMMs, as the official sampling scripts run
+    if dtype == "fp8":
+        if args.backend not in ("triton", "cpp"):
+            raise UserError(f"--dtype fp8 runs with --backend triton (GPU) or cpp (CPU), not {args.backend}")
+        return device, "fp8"
     return device, DTYPES[dtype]
 
 

@@ -107,9 +107,17 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32, max_ba
          cuda_graphs=False) -> Runtime:
     """`ckpt` is a checkpoint path (any format `tinyfusion.load` reads) or a DiT module. `max_batch`: the
     largest batch an exported engine (tensorrt) must take; a sampler's batch doubled by CFG.
-    `cuda_graphs`: replay the forward from CUDA graphs (eager, compile, triton on a CUDA device)."""
+    `cuda_graphs`: replay the forward from CUDA graphs (eager, compile, triton on a CUDA device).
+    `dtype="fp8"`: every block Linear in FP8 (runtime/fp8.py) around a bf16 model on CUDA (triton backend),
+    or an fp32 model on the CPU (cpp backend; PyTorch's reference FP8 GEMM: slow, for accuracy)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    fp8 = dtype in ("fp8", torch.float8_e4m3fn)
+    if fp8:
+        if backend not in ("triton", "cpp"):
+            raise UserError(f"FP8 runs the block GEMMs of the fused forward: the triton (CUDA) or cpp (CPU) backend, "
+                            f"not {backend}")
+        dtype = torch.float32 if backend == "cpp" else torch.bfloat16
     if cuda_graphs and (torch.device(device).type != "cuda" or backend not in ("eager", "compile", "triton")):
         raise UserError(f"CUDA graphs need a CUDA device and the eager, compile or triton backend, not {backend} on {device}")
     if backend in ("cpp", "onnxruntime") and (torch.device(device).type != "cpu" or dtype != torch.float32):
@@ -147,17 +155,17 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32, max_ba
         from . import cpu_ops
         from .fused import FusedForward
 
-        forward = FusedForward(model, cpu_ops.require(), onednn=True)
+        forward = FusedForward(model, cpu_ops.require(), onednn=True, fp8=fp8)
     elif backend == "triton":
         from .fused import FusedForward
 
         ops = triton_ops(device)
-        forward = FusedForward(model, ops, ops.attention)
+        forward = FusedForward(model, ops, ops.attention, fp8=fp8)
     else:
         forward = exported_forward(model, backend, max_batch)
     if cuda_graphs and isinstance(model, DiT):
         forward = CudaGraphForward(forward)
-    return Runtime(model, forward, backend)
+    return Runtime(model, forward, backend + ("+fp8" if fp8 else ""))
 
 
 def triton_ops(device):

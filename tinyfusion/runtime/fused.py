@@ -54,9 +54,14 @@ def onednn_available(model):
 
 
 class FusedForward:
-    def __init__(self, model, ops, attention=sdpa, onednn=False):
+    def __init__(self, model, ops, attention=sdpa, onednn=False, fp8=False):
         self.ops, self.attention, self.model = ops, attention, model
-        self.gemms = OneDNNGemms(model) if onednn and onednn_available(model) else TorchGemms(ops)
+        if fp8:  # the block GEMMs in FP8 (runtime/fp8.py); adaLN and the final layer stay in the model's dtype
+            from .fp8 import Fp8Gemms
+
+            self.gemms = Fp8Gemms(model, ops)
+        else:
+            self.gemms = OneDNNGemms(model) if onednn and onednn_available(model) else TorchGemms(ops)
         blocks = list(model.blocks)
         ada = [b.adaLN_modulation[1] for b in blocks] + [model.final_layer.adaLN_modulation[1]]
         self.ada_weight = torch.cat([m.weight for m in ada]).t()  # (D, L*6D + 2D): one GEMM for every block

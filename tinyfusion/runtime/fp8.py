@@ -1,0 +1,64 @@
+"""FP8 block GEMMs for the fused forward (`runtime.load(..., dtype="fp8")`): every block Linear (qkv, proj,
+fc1, fc2) through `torch._scaled_mm` with E4M3 operands.
+
+- Weights: E4M3 with one fp32 scale per output channel (amax / 448), quantized once at load.
+- Activations: quantized per row (per token) on the fly, scale amax / 448.
+- The GEMM accumulates in fp32 and applies both scales; its output is the model's dtype (bf16 on CUDA,
+  fp32 on the CPU), where LayerNorm, adaLN, the residual, attention and bias+GELU stay.
+
+On Hopper (and Ada) the GEMMs run on FP8 tensor cores; on the CPU `_scaled_mm` is PyTorch's reference
+implementation: slow, but the same arithmetic, so accuracy (cosine to the unquantized forward, the digits
+teacher's FID) is measured on the CPU. `qdq_linear` is the quantize-dequantize reference in fp32 the tests
+hold the real path to.
+"""
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+
+
+def quantize(t, dim=-1):
+    """(E4M3 tensor, fp32 scales) with one scale per slice along `dim` (keepdim): t ~ q * scale."""
+    amax = t.detach().abs().amax(dim=dim, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / E4M3_MAX
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def dequantize(q, scale):
+    return q.float() * scale
+
+
+def qdq_linear(x, weight, bias=None):
+    """The reference: x and W rounded to E4M3 with the same scales, multiplied in fp32."""
+    xs = dequantize(*quantize(x, -1))
+    ws = dequantize(*quantize(weight, 1))
+    out = xs @ ws.t()
+    return out + bias.float() if bias is not None else out
+
+
+def block_linears(model):
+    return [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)]
+
+
+class Fp8Gemms:
+    """The fused forward's block GEMMs in FP8 (the interface of fused.TorchGemms)."""
+
+    def __init__(self, model, ops):
+        self.ops = ops
+        self.out_dtype = next(model.parameters()).dtype
+        # weight (N, K) row-major: its transpose is the column-major (K, N) operand _scaled_mm wants
+        self.weights = {}
+        for m in block_linears(model):
+            wq, ws = quantize(m.weight, 1)
+            self.weights[id(m)] = wq, ws.t().contiguous()  # scales as the (1, N) row _scaled_mm wants
+
+    def linear(self, x, layer, bias=True):
+        wq, ws = self.weights[id(layer)]
+        xq, xs = quantize(x, -1)
+        b = layer.bias.to(self.out_dtype) if bias and layer.bias is not None else None
+        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, bias=b, out_dtype=self.out_dtype)
+
+    def linear_gelu(self, x, layer):
+        h = self.linear(x, layer, bias=False)
+        self.ops.bias_gelu_(h, layer.bias)
+        return h
