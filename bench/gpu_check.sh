@@ -62,7 +62,7 @@ stage sampling "sampling throughput xl: eager, triton, triton+graphs" 120 $PY be
     --variants eager triton triton+graphs --samplers ddim --steps 3 --warmup 1 --json "$RES/sampling_xl.json"
 stage stacks "latency of the diffusers stacks" 120 $PY bench/latency_stacks.py --preset gpu --device cuda --dtype bf16 \
     --repeats 10 --json "$RES/latency_stacks_gpu.json"
-stage kernels "kernels" 90 $PY bench/kernels.py --batches 32 128 --attention-sweep --json "$RES/kernels.json"
+stage kernels "kernels" 90 $PY bench/kernels.py --batches 32 128 --adaln-sweep --attention-sweep --json "$RES/kernels.json"
 stage compile "latency xl: eager, compile" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
     --backends eager compile --cuda-graphs --repeats 20 --no-width --json "$RES/latency_xl_compile.json"
 stage attention "latency xl: triton with our attention kernel" 90 env TINYFUSION_ATTENTION=triton \

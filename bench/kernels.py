@@ -109,6 +109,31 @@ def attention_sweep(batch, dtype):
     return rows
 
 
+def adaln_sweep(batches, dtype):
+    """The two forward adaLN kernels at each (rows per program, warps) launch, as fractions of copy bandwidth
+    (the issue's goal: 80%), via TINYFUSION_ADALN_ROWS / _WARPS; the best launch per batch is what
+    kernels/ops.py's row_launch should choose."""
+    from tinyfusion.kernels import ops
+
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, N, D, device="cuda", dtype=dtype)
+        br = torch.randn_like(x)
+        mods = torch.randn(batch, 3 * D, device="cuda", dtype=dtype) * 0.1
+        gate, shift, scale = mods[:, :D], mods[:, D:2 * D], mods[:, 2 * D:]
+        for r in (1, 2, 4, 8):
+            for warps in (4, 8):
+                os.environ["TINYFUSION_ADALN_ROWS"], os.environ["TINYFUSION_ADALN_WARPS"] = str(r), str(warps)
+                row = {"batch": batch, "rows": r, "num_warps": warps}
+                with torch.no_grad():
+                    row["ln_modulate_gb_s"] = 2 * x.numel() * x.element_size() / bench(lambda: ops.ln_modulate(x, shift, scale)) / 1e6
+                    row["residual_gb_s"] = 4 * x.numel() * x.element_size() / bench(
+                        lambda: ops.residual_ln_modulate_(x, br, None, gate, shift, scale, 1e-6)) / 1e6
+                rows.append(row)
+        os.environ.pop("TINYFUSION_ADALN_ROWS"), os.environ.pop("TINYFUSION_ADALN_WARPS")
+    return rows
+
+
 @cli
 def main(argv=None):
     p = Parser(prog="python bench/kernels.py", description=__doc__)
@@ -116,6 +141,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--attention-sweep", action="store_true",
                    help="then time our flash-attention kernel over several tile sizes (at the first batch)")
+    p.add_argument("--adaln-sweep", action="store_true",
+                   help="then time the adaLN kernels at every rows-per-program and warp count (each batch)")
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "kernels.json"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -140,6 +167,12 @@ def main(argv=None):
             result["kernels"].append(row)
             print(f"{name:<26} batch {batch:>3}: " + "  ".join(f"{k} {v['ms']:.3f} ms ({v['rate']:.0f})"
                   for k, v in row.items() if isinstance(v, dict)), flush=True)
+        save()
+    if args.adaln_sweep:
+        result["adaln_sweep"] = adaln_sweep(args.batches, dtype)
+        copy = result["ceilings"]["copy_gb_s"]
+        for r in result["adaln_sweep"]:
+            r["ln_modulate_of_copy"], r["residual_of_copy"] = r["ln_modulate_gb_s"] / copy, r["residual_gb_s"] / copy
         save()
     if args.attention_sweep:  # last, so the per-kernel table above is written whatever happens here
         result["attention_sweep"] = attention_sweep(args.batches[0], dtype)

@@ -53,6 +53,29 @@ def test_ln_modulate_forward(b, n, d, dtype):
     torch.testing.assert_close(out.double(), ln_mod_ref(x, shift, scale), **TOL[dtype])
 
 
+@pytest.mark.parametrize("rows", ["1", "4", "16"])
+def test_several_rows_per_program_cross_samples_and_a_partial_last_tile(rows, monkeypatch):
+    """The forward kernels take ROWS rows per program: a tile that spans two samples (17 tokens each) must
+    modulate each row by its own sample's shift/scale, and the last, partial tile must write only its rows.
+    Inference (no gradient) and training launch the same tile without and with the statistics."""
+    monkeypatch.setenv("TINYFUSION_ADALN_ROWS", rows)
+    b, n, d = 3, 17, 77
+    x = rand(b, n, d, seed=11, scale=2.0)
+    shift, scale = rows(b, d, 2, seed=14, dtype=torch.float32)
+    with torch.no_grad():
+        inferred = ops.ln_modulate(x, shift, scale, 1e-6)
+    y, mean, rstd = ops.ln_modulate_fwd(x, shift, scale, 1e-6)
+    torch.testing.assert_close(inferred.double(), ln_mod_ref(x, shift, scale), **TOL[torch.float32])
+    assert torch.equal(inferred, y) and mean.shape == rstd.shape == (b * n,)
+    torch.testing.assert_close(mean, x.mean(-1).flatten())
+    xr, br = x.clone(), rand(b, n, d, seed=12)
+    gate = rand(b, d, seed=13, scale=0.5)
+    ops.residual_ln_modulate_(xr, br, None, gate, shift, scale, 1e-6)
+    want = x + gate[:, None] * rand(b, n, d, seed=12)
+    torch.testing.assert_close(xr, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(br.double(), ln_mod_ref(want, shift, scale), **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("d", [32, 77, 1152])
 @pytest.mark.parametrize("b,n", [(1, 1), (3, 17)])
 def test_ln_modulate_backward(b, n, d):

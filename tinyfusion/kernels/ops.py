@@ -32,6 +32,32 @@ def _warps(d):
     return 4 if d <= 1024 else 8
 
 
+def row_launch(d, n_rows):
+    """(ROWS, num_warps) of the forward adaLN kernels: about 4096 elements per program (ROWS = 2 at DiT-XL/2's
+    1152 columns, 32 at the digits model's 128), never more rows than there are; TINYFUSION_ADALN_ROWS and
+    TINYFUSION_ADALN_WARPS override both (bench/kernels.py --adaln-sweep measures the choices on a GPU)."""
+    block = next_power_of_2(d)
+    rows = int(os.environ.get("TINYFUSION_ADALN_ROWS") or max(1, min(32, 4096 // block)))
+    if rows & (rows - 1):
+        raise ValueError(f"TINYFUSION_ADALN_ROWS must be a power of two, got {rows}")
+    rows = min(rows, next_power_of_2(n_rows))
+    warps = int(os.environ.get("TINYFUSION_ADALN_WARPS") or (4 if rows * block <= 2048 else 8))
+    return rows, warps
+
+
+def launch_ln_modulate(x, shift, scale, eps, store_stats):
+    B, N, D = x.shape
+    y = torch.empty_like(x)
+    n = B * N
+    mean = torch.empty(n if store_stats else 0, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    rows, warps = row_launch(D, n)
+    ln_modulate_fwd_kernel[(-(-n // rows),)](x, y, shift, scale, mean, rstd, n, N, D, shift.stride(0), scale.stride(0),
+                                             eps, BLOCK=next_power_of_2(D), ROWS=rows, STORE_STATS=store_stats,
+                                             num_warps=warps)
+    return y, mean, rstd
+
+
 # The kernels index raw pointers with the strides these shapes imply: a wrong layout would read the wrong
 # elements silently, so each op checks its inputs first, as the C++ ops do (one-line ValueErrors).
 def check_tokens(x, name="x"):
@@ -59,13 +85,7 @@ def ln_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tupl
     check_tokens(x)
     check_rows(shift, x, "shift")
     check_rows(scale, x, "scale")
-    B, N, D = x.shape
-    y = torch.empty_like(x)
-    mean = torch.empty(B * N, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    ln_modulate_fwd_kernel[(B * N,)](x, y, shift, scale, mean, rstd, N, D, shift.stride(0), scale.stride(0), eps,
-                                     BLOCK=next_power_of_2(D), num_warps=_warps(D))
-    return y, mean, rstd
+    return launch_ln_modulate(x, shift, scale, eps, store_stats=True)
 
 
 @ln_modulate_fwd.register_fake
@@ -105,8 +125,24 @@ def _backward(ctx, dy, _dmean, _drstd):
 ln_modulate_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("tinyfusion_triton::ln_modulate_infer", mutates_args=())
+def ln_modulate_infer(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
+    """The forward alone: no statistics written (nothing will run a backward)."""
+    check_tokens(x)
+    check_rows(shift, x, "shift")
+    check_rows(scale, x, "scale")
+    return launch_ln_modulate(x, shift, scale, eps, store_stats=False)[0]
+
+
+@ln_modulate_infer.register_fake
+def _(x, shift, scale, eps):
+    return torch.empty_like(x)
+
+
 def ln_modulate(x, shift, scale, eps=1e-6):
-    return ln_modulate_fwd(x, shift, scale, eps)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale.requires_grad):
+        return ln_modulate_fwd(x, shift, scale, eps)[0]
+    return ln_modulate_infer(x, shift, scale, eps)
 
 
 @torch.library.custom_op("tinyfusion_triton::residual_ln_modulate_", mutates_args=("x", "branch"))
@@ -121,9 +157,12 @@ def residual_ln_modulate_(x: Tensor, branch: Tensor, bias: Tensor | None, gate: 
     for name, m in (("gate", gate), ("shift", shift), ("scale", scale)):
         check_rows(m, x, name)
     B, N, D = x.shape
-    residual_ln_modulate_kernel[(B * N,)](x, branch, bias if bias is not None else x, gate, shift, scale, x, branch,
-                                          N, D, gate.stride(0), shift.stride(0), scale.stride(0), eps,
-                                          HAS_BIAS=bias is not None, BLOCK=next_power_of_2(D), num_warps=_warps(D))
+    n = B * N
+    rows, warps = row_launch(D, n)
+    residual_ln_modulate_kernel[(-(-n // rows),)](x, branch, bias if bias is not None else x, gate, shift, scale, x,
+                                                  branch, n, N, D, gate.stride(0), shift.stride(0), scale.stride(0),
+                                                  eps, HAS_BIAS=bias is not None, BLOCK=next_power_of_2(D), ROWS=rows,
+                                                  num_warps=warps)
 
 
 @residual_ln_modulate_.register_fake
