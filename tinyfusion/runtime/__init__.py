@@ -18,7 +18,7 @@ from ..models.dit import DiT, forward_with_cfg
 # matters to the backend that needs it.
 BACKENDS = {
     "eager": "PyTorch eager",
-    "compile": "torch.compile (Inductor), block by block",
+    "compile": "torch.compile (Inductor): on the CPU the whole model with freezing, on CUDA block by block",
     "cpp": "C++ fused CPU ops (csrc/, pybind11) around oneDNN GEMMs and SDPA",
     "triton": "Triton fused adaLN/GELU kernels and flash attention around PyTorch GEMMs (NVIDIA GPU)",
     "onnxruntime": "the model exported to ONNX, run by onnxruntime's CPU provider (fp32)",
@@ -145,12 +145,17 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32, max_ba
     if backend == "eager":
         forward = model.forward
     elif backend == "compile":
-        # Regional compilation: each block compiles to the same graph (parameters are inputs), so compile
-        # time does not grow with depth; a copy, so the caller's module stays eager.
-        model = copy.deepcopy(model)
-        for block in model.blocks:
-            block.compile()
-        forward = model.forward
+        model = copy.deepcopy(model)  # a copy, so the caller's module stays eager
+        if torch.device(device).type == "cpu":
+            # As a CPU user configures Inductor for inference: freezing folds the (frozen) weights into the
+            # graph as constants, so the GEMMs get oneDNN's prepacked weights and fused post-ops.
+            forward = torch.compile(model, options={"freezing": True})
+        else:
+            # Regional compilation: each block compiles to the same graph (parameters are inputs), so
+            # compile time does not grow with depth.
+            for block in model.blocks:
+                block.compile()
+            forward = model.forward
     elif backend == "cpp":
         from . import cpu_ops
         from .fused import FusedForward
