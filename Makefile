@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tinyfusion.sample --out runs/demo/grid.png
 	$(PY) -m tinyfusion.evaluate --json runs/demo/metrics.json
-	rm -rf runs/demo/prune
+	rm -rf runs/demo/prune runs/demo/recover  # a rerun starts these two runs afresh (a run folder holding another run is refused)
 	$(PY) -m tinyfusion.prune --out runs/demo/prune
 	$(PY) -m tinyfusion.finetune --ckpt runs/demo/prune/pruned.safetensors --kd masked --steps 500 --out runs/demo/recover
 	$(PY) -m tinyfusion.compare teacher=runs/demo/metrics.json pruned+KD500=runs/demo/recover/metrics.json

@@ -28,7 +28,7 @@ from .runlog import progress
 from . import fsdp
 from . import precision as amp
 from .blocks import wrap_blocks
-from .state import AsyncSaver, load
+from .state import AsyncSaver, load, to_cpu
 
 
 # Set to N, a run SIGKILLs itself right after writing step N's state: kill-and-resume tests resume from a
@@ -253,8 +253,6 @@ class Engine:
         shards (torch.distributed.checkpoint), so every rank calls this."""
         if self.opts.fsdp:
             state = {k: v for k, v in self.state_dict().items() if k not in ("params", "ema", "opt")}
-            from .state import to_cpu
-
             fsdp.save_sharded(path, self.sharded_tensors(), {**to_cpu(state), "world_size": self.world}, self.rank)
         elif self.rank == 0:
             self.saver.save(path, self.state_dict())
