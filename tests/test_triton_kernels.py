@@ -53,12 +53,12 @@ def test_ln_modulate_forward(b, n, d, dtype):
     torch.testing.assert_close(out.double(), ln_mod_ref(x, shift, scale), **TOL[dtype])
 
 
-@pytest.mark.parametrize("rows", ["1", "4", "16"])
-def test_several_rows_per_program_cross_samples_and_a_partial_last_tile(rows, monkeypatch):
+@pytest.mark.parametrize("per_program", ["1", "4", "16"])
+def test_several_rows_per_program_cross_samples_and_a_partial_last_tile(per_program, monkeypatch):
     """The forward kernels take ROWS rows per program: a tile that spans two samples (17 tokens each) must
     modulate each row by its own sample's shift/scale, and the last, partial tile must write only its rows.
     Inference (no gradient) and training launch the same tile without and with the statistics."""
-    monkeypatch.setenv("TINYFUSION_ADALN_ROWS", rows)
+    monkeypatch.setenv("TINYFUSION_ADALN_ROWS", per_program)
     b, n, d = 3, 17, 77
     x = rand(b, n, d, seed=11, scale=2.0)
     shift, scale = rows(b, d, 2, seed=14, dtype=torch.float32)
