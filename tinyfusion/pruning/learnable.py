@@ -64,21 +64,18 @@ class GatedModel(nn.Module):
 
 
 def attach_weight_update(model, cfg):
-    """Freeze the model and attach the recoverability update; returns (GatedModel, weight params, gate params)."""
+    """Freeze the model, attach the recoverability update (what stays trainable in the model) and the gates."""
     model.requires_grad_(False)
     if cfg.delta_w == "lora":
-        weights = [p for m in block_stack(model).lora_targets() for p in apply_lora(m, cfg.lora_rank, cfg.lora_alpha)]
+        for m in block_stack(model).lora_targets():
+            apply_lora(m, cfg.lora_rank, cfg.lora_alpha)
     elif cfg.delta_w == "full":
         frozen = block_stack(model).frozen
-        weights = [p for n, p in model.named_parameters() if n not in frozen]
-        for p in weights:
-            p.requires_grad_(True)
-    elif cfg.delta_w == "none":
-        weights = []
-    else:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n not in frozen)
+    elif cfg.delta_w != "none":
         raise UserError(f"--delta-w must be lora, full or none, got {cfg.delta_w!r}")
-    gates = MaskGates(cfg.groups)
-    return GatedModel(model, gates), weights, list(gates.parameters())
+    return GatedModel(model, MaskGates(cfg.groups))
 
 
 class LearnableSearch(DenoisingTask):
@@ -88,7 +85,7 @@ class LearnableSearch(DenoisingTask):
         self.cfg = cfg
         self.use_data(data, diffusion, cfg.class_dropout_prob, rank, world)
         self.grad_clip = cfg.grad_clip
-        self.net, _, _ = attach_weight_update(model, cfg)
+        self.net = attach_weight_update(model, cfg)
         self.model = self.net.model
         self.net.to(device)
         self.history = []

@@ -73,19 +73,15 @@ class Recovery(DenoisingTask):
         self.pairs = pairs if cfg.kd == "masked" else []
         self.net = WithHiddenStates(self.student, [s for s, _ in self.pairs])
         self.teacher_net = WithHiddenStates(self.teacher, [t for _, t in self.pairs]) if self.teacher is not None else None
-        self.engine_options = options or RunOptions()
-        self.engine = Engine(self, self.engine_options, rank, world, device, log)
+        self.engine = Engine(self, options or RunOptions(), rank, world, device, log)
 
     # --- what the engine asks --------------------------------------------------------------------
     def param_groups(self):  # read from the module: FSDP replaces the parameters with sharded ones
         frozen = block_stack(self.student).frozen
         return [{"params": [p for n, p in self.student.named_parameters() if n not in frozen], "lr": self.cfg.lr}]
 
-    def sharded_nets(self):
-        nets = super().sharded_nets()
-        if self.teacher is not None and self.engine_options.fsdp_teacher == "shard":
-            nets.append((self.teacher_net, block_stack(self.teacher).blocks))
-        return nets
+    def teacher_nets(self):
+        return [] if self.teacher is None else [(self.teacher_net, block_stack(self.teacher).blocks)]
 
     def ema_module(self):
         return self.ema

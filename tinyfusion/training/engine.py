@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from ..models.stack import block_stack
 from .runlog import progress
 from . import fsdp
 from . import precision as amp
@@ -83,11 +84,10 @@ class Task:
         """The module whose parameters are the EMA tensors (what gets saved), or None."""
         return None
 
-    def sharded_nets(self):
-        """(root module, its blocks) pairs FSDP shards: the trained net, and any frozen net (a KD teacher)."""
-        from ..models.stack import block_stack
-
-        return [(self.net, block_stack(self.model).blocks)]
+    def teacher_nets(self):
+        """(root module, its blocks) of frozen nets the loss runs (a KD teacher): FSDP shards them like the
+        trained net unless --fsdp-teacher replicate."""
+        return []
 
     def ema_decay(self, step):
         return 0.9999
@@ -155,7 +155,9 @@ class Engine:
         task.net.to(self.device)
         if self.opts.fsdp:
             fsdp.check_supported(task.model, self.opts.fsdp_offload, self.device)
-            for root, blocks in task.sharded_nets():  # new (DTensor) parameters: the task's lists are read after
+            nets = [(task.net, block_stack(task.model).blocks)]
+            nets += task.teacher_nets() if self.opts.fsdp_teacher == "shard" else []
+            for root, blocks in nets:  # new (DTensor) parameters: the task's lists are read after
                 fsdp.shard(root, blocks, self.precision, self.opts.fsdp_offload)
             self.net = task.net
         elif world > 1:
