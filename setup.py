@@ -8,11 +8,11 @@ except ImportError:
                      "then `pip install --no-build-isolation -e .`")
 
 # The fused CPU ops (csrc/): -O3 and -fno-trapping-math so the row loops (exp included) vectorize,
-# OpenMP so at::parallel_for uses threads.
+# OpenMP so at::parallel_for uses threads; -g0 because debug info of torch's headers costs install time.
 cpu_ops = CppExtension(
     "tinyfusion._C",
     ["csrc/fused_ops.cpp"],
-    extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"],
+    extra_compile_args=["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fno-trapping-math"],
     extra_link_args=["-fopenmp"],
 )
 
