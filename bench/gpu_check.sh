@@ -10,7 +10,8 @@
 #      bench/fsdp_step.py --nproc 1: train and Masked KD with --fsdp beside DDP, step time and peak memory
 #   1. the GPU tests (Triton kernels compiled for real, bf16 included; the training engine on CUDA)
 #   2. bench/latency.py --preset xl, eager beside triton and triton+fp8 (E4M3 block GEMMs), bf16, batch 64,
-#      CUDA graphs: DiT-XL/2 at 28/21/14/7;
+#      CUDA graphs: DiT-XL/2 at 28/21/14/7; then our triton+fp8 beside the peer, torchao's float8 inference
+#      quantization (needs torchao: `pip download --no-deps -d .whl torchao` and carry .whl/), 28 and 14;
 #      then bench/sampling.py --preset xl: guided DDIM images/s for eager, triton, triton + CUDA graphs at
 #      depths 28/14/7 and batches 8/64/256 (DDPM-250's images/s follow from the same step time)
 #   3. bench/latency_stacks.py --preset gpu: diffusers DiT/PixArt/SD3/Flux at XL width, 28 blocks (needs
@@ -28,14 +29,14 @@ BUDGET=${BUDGET:-480}
 RES=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee "$RES/log.txt") 2>&1
-if ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried for packages the machine lacks (diffusers)
+if ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried for packages the machine lacks (diffusers, torchao)
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # compiled kernels (tests/conftest.py would otherwise choose the interpreter)
 
-ONLY=${ONLY:-train smoke fsdp tests latency sampling stacks kernels compile attention cpu}  # a rerun can name just the stages it needs
+ONLY=${ONLY:-train smoke fsdp tests latency torchao sampling stacks kernels compile attention cpu}  # a rerun can name just the stages it needs
 stage() {  # stage KEY NAME SECONDS COMMAND...: run under min(SECONDS, what is left of BUDGET)
     local key=$1 name=$2 limit=$3 left=$((BUDGET - SECONDS)); shift 3
     [[ " $ONLY " == *" $key "* ]] || return 0
@@ -58,6 +59,9 @@ stage tests "GPU tests" 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.
     --junitxml="$RES/gpu_tests.xml"
 stage latency "latency xl: eager, triton, triton+fp8" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
     --backends eager triton triton+fp8 --cuda-graphs --repeats 20 --json "$RES/latency_xl.json"
+stage torchao "latency xl: triton+fp8 beside torchao+fp8" 90 $PY bench/latency.py --preset xl --device cuda --dtype bf16 \
+    --batch 64 --backends triton+fp8 torchao+fp8 --depths 28 14 --cuda-graphs --repeats 20 --no-width \
+    --json "$RES/latency_xl_fp8_peer.json"
 stage sampling "sampling throughput xl: eager, triton, triton+graphs" 120 $PY bench/sampling.py --preset xl --device cuda \
     --variants eager triton triton+graphs --samplers ddim --steps 3 --warmup 1 --json "$RES/sampling_xl.json"
 stage stacks "latency of the diffusers stacks" 120 $PY bench/latency_stacks.py --preset gpu --device cuda --dtype bf16 \

@@ -37,14 +37,16 @@ PRESETS = {  # DiT-S/2 and DiT-XL/2 widths at 256 tokens (32x32x4 latents, patch
     "xl": dict(config=dict(depth=28, hidden_size=1152, num_heads=16), batch=32, dtype="bf16", device="cuda"),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TORCHAO = "torchao+fp8"
 
 
 def parse_args(argv):
     p = Parser(prog="python bench/latency.py", description=__doc__)
     p.add_argument("--preset", choices=list(PRESETS), default="cpu")
-    p.add_argument("--backends", nargs="+", choices=[*BACKENDS, "triton+fp8", "cpp+fp8"],
+    p.add_argument("--backends", nargs="+", choices=[*BACKENDS, "triton+fp8", "cpp+fp8", TORCHAO],
                    help="default: every backend that runs on the device (cpu: eager compile cpp onnxruntime); "
-                        "triton+fp8 / cpp+fp8: the block GEMMs in FP8 (runtime/fp8.py)")
+                        "triton+fp8 / cpp+fp8: the block GEMMs in FP8 (runtime/fp8.py); torchao+fp8: the peer, "
+                        "torchao's float8 inference quantization of the same Linears (CUDA, compute capability 8.9+)")
     p.add_argument("--depths", nargs="+", type=int, help="default: the full depth and its 3/4, 1/2, 1/4")
     p.add_argument("--batch", type=positive(), help="default: the preset's (cpu 8, xl 32)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default: the preset's (cpu fp32, xl bf16)")
@@ -69,6 +71,8 @@ def parse_args(argv):
         raise UserError(f"--device {args.device}: no CUDA device here (use --device cpu)")
     if args.backends is None:
         args.backends = ["eager", "compile", "cpp", "onnxruntime"] if args.device == "cpu" else ["eager", "compile"]
+    if TORCHAO in args.backends:
+        check_torchao(args.device)
     args.json = args.json or os.path.join(ROOT, "bench", "results", f"latency_{args.preset}.json")
     writable_file(args.json)
     return args
@@ -158,12 +162,17 @@ def time_once(fn, device):
     return (time.perf_counter() - t0) * 1e3
 
 
-def prepared_forward(rt, args):
-    """A no-argument forward on fixed random inputs (replayed as a CUDA graph with --cuda-graphs)."""
+def example_inputs(args):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 4, 32, 32, generator=g).to(args.device, DTYPES[args.dtype])
     t = torch.randint(0, 1000, (args.batch,), generator=g).to(args.device)
     y = torch.randint(0, 1000, (args.batch,), generator=g).to(args.device)
+    return x, t, y
+
+
+def prepared_forward(rt, args):
+    """A no-argument forward on fixed random inputs (replayed as a CUDA graph with --cuda-graphs)."""
+    x, t, y = example_inputs(args)
     fn = lambda: rt(x, t, y)  # noqa: E731
     with torch.no_grad():
         for _ in range(args.warmup):  # warm-up (and compile) before any timing
@@ -192,9 +201,50 @@ def fit_line(depths, ms):
 
 
 def load_backend(model, backend, args):
-    """A backend name, or NAME+fp8 for its FP8 block GEMMs."""
+    """A backend name, or NAME+fp8 for its FP8 block GEMMs, or the torchao peer."""
+    if backend == TORCHAO:
+        return torchao_fp8(model, args.device)
     name, _, fp8 = backend.partition("+")
     return load(model, name, args.device, "fp8" if fp8 else DTYPES[args.dtype])
+
+
+def check_torchao(device):
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        raise UserError(f"{TORCHAO} needs torchao (pip install torchao)") from None
+    if not (str(device).startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9)):
+        raise UserError(f"{TORCHAO}: torchao's float8 GEMMs need a CUDA GPU of compute capability 8.9 or later "
+                        f"(Ada, Hopper), not {device}")
+
+
+def torchao_fp8(model, device):
+    """The FP8 path a user would reach for: torchao's float8 inference quantization (E4M3 weights with
+    per-output-channel scales, activations quantized per row on the fly) of the same block Linears as ours,
+    on the bf16 eager model, the blocks compiled as torchao advises (its quantize and scale ops fuse there)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    from tinyfusion.runtime.fp8 import block_linears
+
+    rt = load(model, "eager", device, torch.bfloat16)
+    linears = set(map(id, block_linears(rt.model)))
+    quantize_(rt.model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, name: id(module) in linears)
+    for block in rt.model.blocks:
+        block.compile()
+    rt.backend = TORCHAO
+    return rt
+
+
+def fp8_cosine(backend, args):
+    """Accuracy beside speed: the cosine of an FP8 backend's full-depth forward to the eager forward of the
+    same random model in --dtype, on the timed inputs."""
+    model = random_model(make_config(args.preset, args.depths[0]))
+    inputs = example_inputs(args)
+    with torch.no_grad():
+        ref = load(model, "eager", args.device, DTYPES[args.dtype])(*inputs).float().flatten()
+        out = load_backend(model, backend, args)(*inputs).float().flatten()
+    return torch.nn.functional.cosine_similarity(out, ref, dim=0).item()
 
 
 def measure_backend(args, backend):
@@ -237,6 +287,8 @@ def backend_result(backend, args, gflops, medians, runtimes):
                                   "median_ms": medians[backend, "width"],
                                   "params_m": sum(p.numel() for p in rt.parameters()) / 1e6,
                                   "speedup": medians[backend, top] / medians[backend, "width"]}
+    if backend.endswith("+fp8"):
+        result["cosine_to_eager"] = fp8_cosine(backend, args)
     if args.profile and backend not in ("onnxruntime", "tensorrt"):  # torch.profiler cannot see inside an engine
         result["profile"] = profile(backend, args, top)
     return result
@@ -323,15 +375,16 @@ def plot(summary, path):
 
 def table(summary):
     lines = ["| backend | " + " | ".join(f"L={d} ms" for d in summary["results"][0]["depths"]) +
-             " | R² | half-depth speedup (ideal) | FLOP floor reached | width-pruned speedup |",
-             "|---" * (len(summary["results"][0]["depths"]) + 5) + "|"]
+             " | R² | half-depth speedup (ideal) | FLOP floor reached | width-pruned speedup | cosine to eager |",
+             "|---" * (len(summary["results"][0]["depths"]) + 6) + "|"]
     for r in summary["results"]:
         half = (f"{r['half_depth_speedup']:.2f}x ({r['ideal_half_depth_speedup']:.2f}x)"
                 if "half_depth_speedup" in r else "-")
         width = f"{r['width_pruned']['speedup']:.2f}x" if "width_pruned" in r else "-"
         r2 = "-" if r["fit"]["r2"] is None else f"{r['fit']['r2']:.4f}"
+        cosine = f"{r['cosine_to_eager']:.5f}" if "cosine_to_eager" in r else "-"
         lines.append(f"| {r['backend']} | " + " | ".join(f"{m:.1f}" for m in r["median_ms"]) +
-                     f" | {r2} | {half} | {r['floor_fraction']:.0%} | {width} |")
+                     f" | {r2} | {half} | {r['floor_fraction']:.0%} | {width} | {cosine} |")
     return "\n".join(lines)
 
 

@@ -117,3 +117,31 @@ def test_block_stack_families_small_run(tmp_path, capsys):
     assert (tmp_path / "stacks.png").stat().st_size > 0 and "| flux |" in stdout
     code, _, err = run_main(latency_stacks.main, ["--fractions", "0.5", "--json", str(out)], capsys)
     assert code == 2 and "--fractions must start at 1" in err
+
+
+def test_fp8_backends_record_their_accuracy_and_the_torchao_peer_is_refused_off_hopper(tmp_path, capsys):
+    """An FP8 row carries the cosine of its full-depth forward to eager on the same random model, computed
+    here independently (a result copied from the wrong backend, or left unquantized, fails); torchao's
+    float8 peer needs CUDA at compute capability 8.9+: on the CPU one line, exit 2, nothing written."""
+    import torch
+
+    from tinyfusion import runtime
+
+    out = tmp_path / "fp8.json"
+    code, stdout, err = run_main(latency.main, ["--backends", "cpp+fp8", "--depths", "2", "1", "--batch", "2",
+                                                "--warmup", "1", "--repeats", "1", "--no-width", "--json", str(out)], capsys)
+    assert code == 0, err
+    (row,) = json.loads(out.read_text())["results"]
+    args = latency.parse_args(["--depths", "2", "--batch", "2", "--json", str(tmp_path / "x.json")])
+    model = latency.random_model(latency.make_config("cpu", 2))
+    inputs = latency.example_inputs(args)
+    with torch.no_grad():
+        ref = runtime.load(model, "eager")(*inputs).flatten()
+        fp8 = runtime.load(model, "cpp", dtype="fp8")(*inputs).flatten()
+    cosine = torch.nn.functional.cosine_similarity(fp8, ref, dim=0).item()
+    assert row["cosine_to_eager"] == pytest.approx(cosine, abs=1e-6) and 0.99 < cosine < 1 - 1e-6
+    assert f"{cosine:.5f} |" in stdout
+
+    code, _, err = run_main(latency.main, ["--backends", "torchao+fp8", "--json", str(tmp_path / "ao.json")], capsys)
+    assert_one_line_error(code, err, "torchao")
+    assert not (tmp_path / "ao.json").exists()
