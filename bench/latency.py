@@ -236,14 +236,14 @@ def torchao_fp8(model, device):
     return rt
 
 
-def fp8_cosine(backend, args):
-    """Accuracy beside speed: the cosine of an FP8 backend's full-depth forward to the eager forward of the
-    same random model in --dtype, on the timed inputs."""
-    model = random_model(make_config(args.preset, args.depths[0]))
+def fp8_cosine(rt, args):
+    """Accuracy beside speed: the cosine of an FP8 runtime's full-depth forward (the one just timed) to the
+    eager forward of the same random model in --dtype, on the timed inputs."""
+    model = random_model(make_config(args.preset, args.depths[0]))  # seeded: the weights rt was built from
     inputs = example_inputs(args)
     with torch.no_grad():
         ref = load(model, "eager", args.device, DTYPES[args.dtype])(*inputs).float().flatten()
-        out = load_backend(model, backend, args)(*inputs).float().flatten()
+        out = rt(*inputs).float().flatten()
     return torch.nn.functional.cosine_similarity(out, ref, dim=0).item()
 
 
@@ -288,7 +288,7 @@ def backend_result(backend, args, gflops, medians, runtimes):
                                   "params_m": sum(p.numel() for p in rt.parameters()) / 1e6,
                                   "speedup": medians[backend, top] / medians[backend, "width"]}
     if backend.endswith("+fp8"):
-        result["cosine_to_eager"] = fp8_cosine(backend, args)
+        result["cosine_to_eager"] = fp8_cosine(runtimes[backend, top], args)
     if args.profile and backend not in ("onnxruntime", "tensorrt"):  # torch.profiler cannot see inside an engine
         result["profile"] = profile(backend, args, top)
     return result
