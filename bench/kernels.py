@@ -2,7 +2,8 @@
 
 Reports the measured ceilings first (device-to-device copy bandwidth, bf16 GEMM rate), then per kernel
 and batch: median time (triton.testing.do_bench) and the bandwidth it achieves over the bytes the
-operation must move (attention: TFLOP/s over its FLOPs).
+operation must move (attention: TFLOP/s over its FLOPs). The "-> E4M3" rows time each kernel writing an FP8
+GEMM's input itself against the plain kernel followed by a quantizer: whether fusing the quantization pays.
 
   python bench/kernels.py --json OUT.json [--batches 32 64 128 256] [--dtype bf16] [--attention-sweep]
 """
@@ -39,6 +40,7 @@ def ceilings(dtype):
 
 def cases(batch, dtype):
     from tinyfusion.kernels import ops
+    from tinyfusion.runtime.fp8 import quantize
 
     x = torch.randn(batch, N, D, device="cuda", dtype=dtype)
     br = torch.randn_like(x)
@@ -60,7 +62,7 @@ def cases(batch, dtype):
     def eager_gelu(h, b):
         return F.gelu(h + b, approximate="tanh")
 
-    ln_c, res_c, gelu_c = (torch.compile(f) for f in (eager_ln_mod, eager_res, eager_gelu))
+    ln_c, res_c, gelu_c, quantize_c = (torch.compile(f) for f in (eager_ln_mod, eager_res, eager_gelu, quantize))
     return {
         "adaln (LN + modulate)": (2 * x.numel() * el, {
             "eager": lambda: eager_ln_mod(x, shift, scale), "compile": lambda: ln_c(x, shift, scale),
@@ -72,6 +74,22 @@ def cases(batch, dtype):
         "bias + GELU": (2 * h.numel() * el, {
             "eager": lambda: eager_gelu(h, fc1_bias), "compile": lambda: gelu_c(h, fc1_bias),
             "triton": lambda: ops.bias_gelu_(h, fc1_bias)}),
+        # FP8 GEMM inputs: each kernel writing E4M3 rows itself against the plain kernel then a quantizer
+        "adaln -> E4M3": ((el + 1) * x.numel(), {
+            "then torch quantize": lambda: quantize(ops.ln_modulate(x, shift, scale).view(-1, D), -1),
+            "then quantize_rows": lambda: ops.quantize_rows(ops.ln_modulate(x, shift, scale)),
+            "triton": lambda: ops.ln_modulate_e4m3(x, shift, scale, 1e-6)}),
+        "gate + residual + adaln -> E4M3": ((3 * el + 1) * x.numel(), {
+            "then quantize_rows": lambda: (ops.residual_ln_modulate_(x, br, bias, gate, shift, scale, 1e-6),
+                                           ops.quantize_rows(br)),
+            "triton": lambda: ops.residual_ln_modulate_e4m3_(x, br, bias, gate, shift, scale, 1e-6)}),
+        "bias + GELU -> E4M3": ((el + 1) * h.numel(), {
+            "then torch quantize": lambda: (ops.bias_gelu_(h, fc1_bias), quantize(h, -1)),
+            "then quantize_rows": lambda: (ops.bias_gelu_(h, fc1_bias), ops.quantize_rows(h)),
+            "triton": lambda: ops.bias_gelu_e4m3(h, fc1_bias)}),
+        "quantize rows (E4M3)": ((el + 1) * x.numel(), {
+            "eager": lambda: quantize(x.view(-1, D), -1), "compile": lambda: quantize_c(x.view(-1, D), -1),
+            "triton": lambda: ops.quantize_rows(x)}),
         "attention (TFLOP/s)": (-4 * batch * HEADS * N * N * (D // HEADS), {
             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
             "triton": lambda: ops.flash_attention(q, k, v)}),

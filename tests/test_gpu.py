@@ -109,6 +109,55 @@ def test_fp8_forward_at_dit_xl_2_stays_within_the_accuracy_goal():
     assert cos >= 0.997, cos
 
 
+def test_e4m3_kernels_compiled_agree_with_pytorchs_quantizer():
+    """The E4M3 variants compiled for Hopper (GPU division, the explicit rounding, the cast) against
+    runtime/fp8.py's `quantize` of the plain kernels' fp32 output, byte for byte, at DiT-XL/2 shapes; in bf16
+    from bf16 inputs the dequantized values within half a step of E4M3's grid of the fp32 reference."""
+    from tinyfusion.runtime.fp8 import dequantize, quantize
+
+    b, n, d = 4, 256, 1152
+    for dtype in (torch.float32, torch.bfloat16):
+        x, branch = rand(b, n, d, dtype=dtype, scale=2.0), rand(b, n, d, dtype=dtype)
+        mods = rand(b, 4 * d, dtype=dtype, scale=0.5)
+        gate, shift, scale, bias = mods[:, :d], mods[:, d:2 * d], mods[:, 2 * d:3 * d], rand(d, dtype=dtype)
+        h, fc1_bias = rand(b * n, 4608, dtype=dtype, scale=3.0), rand(4608, dtype=dtype)
+        ref_res = x.float() + gate.float()[:, None] * (branch.float() + bias.float())
+        pairs = [  # (E4M3 op's output, the fp32 values it quantizes)
+            (ops.ln_modulate_e4m3(x, shift, scale, 1e-6), ref_ln_mod(x, shift, scale).view(-1, d)),
+            (ops.bias_gelu_e4m3(h, fc1_bias), F.gelu(h.float() + fc1_bias.float(), approximate="tanh")),
+            (ops.quantize_rows(h), h.float()),
+            (ops.residual_ln_modulate_e4m3_(x, branch, bias, gate, shift, scale, 1e-6),
+             ref_ln_mod(ref_res, shift, scale).view(-1, d)),
+        ]
+        for (q, s), want in pairs:
+            if dtype == torch.float32:
+                q_ref, s_ref = quantize(want, -1)
+                torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+                assert (q.float() != q_ref.float()).float().mean().item() < 1e-4  # only fp32 rounding ties differ
+            else:
+                err = (dequantize(q, s) - want).abs()
+                # half a step of E4M3's grid (fp32's own rounding of the reference aside)
+                assert (err <= want.abs() * (2 ** -4 + 1e-4) + s * 2 ** -10 + 1e-5 * want.abs().amax(1, keepdim=True)).all()
+
+
+def test_fp8_forward_quantizing_in_the_kernels_matches_quantizing_in_pytorch_at_dit_xl_width():
+    """triton+fp8 with the activations quantized in the LayerNorm/GELU kernels (the default) against the same
+    forward quantizing each GEMM input in PyTorch: only the bf16 rounding before quantization differs."""
+    from conftest import randomized
+    from tinyfusion.runtime.fused import FusedForward
+
+    torch.manual_seed(0)
+    model = randomized(DiT(DiTConfig(depth=4, hidden_size=1152, num_heads=16, patch_size=2, input_size=32,
+                                     in_channels=4, num_classes=1000))).eval().cuda().to(torch.bfloat16)
+    x, t, y = torch.randn(8, 4, 32, 32, device="cuda", dtype=torch.bfloat16), torch.randint(0, 1000, (8,), device="cuda"), \
+        torch.randint(0, 1000, (8,), device="cuda")
+    with torch.no_grad():
+        got = FusedForward(model, ops, ops.attention, fp8=True)(x, t, y).float()
+        want = FusedForward(model, ops, ops.attention, fp8=True, fuse_quantization=False)(x, t, y).float()
+    cos = F.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
+    assert cos > 0.9995, cos
+
+
 def test_sampling_defaults_to_the_gpu_in_bf16_and_stays_near_fp32(tmp_path):
     """sample/evaluate's defaults on a GPU machine: cuda and bf16 (the Runtime casts the fp32 sampler state
     in and the output back), for eager and triton; the samples near the fp32 ones on the same device, the

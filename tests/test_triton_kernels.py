@@ -177,3 +177,82 @@ def test_ops_refuse_layouts_they_would_misread():
         with pytest.raises(ValueError, match=re.escape(fragment)) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+# The E4M3 variants (the FP8 GEMMs' inputs, written by the kernel that computes them). Their reference is
+# runtime/fp8.py's `quantize` (itself held to E4M3 rounding written out in numpy, tests/test_fp8.py) applied
+# to the fp32 output of the plain op: the same fp32 values, so the E4M3 bytes must agree exactly.
+
+def assert_same_quantization(got, want):
+    (q, s), (q_ref, s_ref) = got, want
+    assert q.dtype == torch.float8_e4m3fn and q.shape == q_ref.shape and s.shape == s_ref.shape
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(q.float(), q_ref.float(), rtol=0, atol=0)
+
+
+def test_quantize_rows_rounds_every_binade_and_tie_as_pytorch_does():
+    """Rows whose amax is 448 (scale 1) hold E4M3's hard cases: ties between grid points (31 lies between 30
+    and 32: to even, 32; 124 between 120 and 128), rounding up across a power of two, subnormals and their
+    ties (2^-10 -> 0, 3 * 2^-10 -> 2^-8), values near the maximum; the others scale random rows over five
+    decades. The interpreter's own fp32 -> E4M3 cast turns 31.2 into 16: the kernel must round by itself."""
+    hard = torch.tensor([448.0, 31.0, 31.2, -124.0, 124.2, 17.0, 2.0 ** -10, 3 * 2.0 ** -10, -2.0 ** -7,
+                         440.0, 432.0, 0.0, 1.0625, 1.1875, -0.0146, 240.0])
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([hard[None], torch.randn(20, 16, generator=g) * torch.logspace(-4, 1, 20)[:, None]])
+    from tinyfusion.runtime.fp8 import quantize
+
+    q, s = ops.quantize_rows(x)
+    assert_same_quantization((q, s), quantize(x, -1))
+    assert q[0, :3].float().tolist() == [448.0, 32.0, 32.0] and q[0, 6:8].float().tolist() == [0.0, 2.0 ** -8]
+
+
+@pytest.mark.parametrize("d", [96, 1152, 77])
+def test_e4m3_variants_of_the_adaln_kernels_quantize_their_own_output(d):
+    """ln_modulate_e4m3 and residual_ln_modulate_e4m3_ write the E4M3 form of what the plain kernels write;
+    the residual update of x is the plain kernel's, and branch is left as it was."""
+    from tinyfusion.runtime.fp8 import quantize
+
+    b, n = 3, 17
+    x, branch = rand(b, n, d, seed=7), rand(b, n, d, seed=8, scale=2.0)
+    bias = rand(d, seed=9)
+    gate, shift, scale = rows(b, d, 3, seed=10, dtype=torch.float32)
+    assert_same_quantization(ops.ln_modulate_e4m3(x, shift, scale, 1e-6),
+                             quantize(ops.ln_modulate(x, shift, scale, 1e-6).view(b * n, d), -1))
+    x_plain, branch_plain = x.clone(), branch.clone()
+    ops.residual_ln_modulate_(x_plain, branch_plain, bias, gate, shift, scale, 1e-5)
+    branch_before = branch.clone()
+    got = ops.residual_ln_modulate_e4m3_(x, branch, bias, gate, shift, scale, 1e-5)
+    torch.testing.assert_close(x, x_plain, rtol=0, atol=0)
+    assert torch.equal(branch, branch_before)
+    assert_same_quantization(got, quantize(branch_plain.view(b * n, d), -1))
+
+
+@pytest.mark.parametrize("r,d", [(5, 77), (3, 1536), (2, 4608)])
+def test_bias_gelu_e4m3_quantizes_the_gelu_output_per_row(r, d):
+    """A whole row per program (its amax is the scale), 4608 being DiT-XL/2's MLP width; h is only read."""
+    from tinyfusion.runtime.fp8 import quantize
+
+    h, bias = rand(r, d, seed=11, scale=3.0), rand(d, seed=12)
+    plain = h.clone()
+    ops.bias_gelu_(plain, bias)
+    h_before = h.clone()
+    assert_same_quantization(ops.bias_gelu_e4m3(h, bias), quantize(plain, -1))
+    assert torch.equal(h, h_before)
+
+
+def test_fp8_forward_with_quantization_in_the_kernels_equals_quantizing_in_pytorch():
+    """The fused forward with FP8 GEMMs, its activations quantized by the kernels that produce them, against
+    the same forward quantizing each GEMM input in PyTorch (the cpp backend's way): the same E4M3 operands,
+    so the same output up to fp32 rounding; the final layer's input stays unquantized in both."""
+    from conftest import randomized
+    from tinyfusion.runtime.fused import FusedForward
+
+    model = randomized(tiny_dit(depth=2, hidden_size=64, num_heads=2)).eval()
+    x, t, y = inputs(model.config, n=2)
+    fused = FusedForward(model, ops, ops.attention, fp8=True)
+    plain = FusedForward(model, ops, ops.attention, fp8=True, fuse_quantization=False)
+    assert fused.quantized and not plain.quantized
+    with torch.no_grad():
+        got, want, exact = fused(x, t, y), plain(x, t, y), model(x, t, y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, exact, rtol=1e-3, atol=1e-3)  # the GEMMs did run in FP8

@@ -4,20 +4,15 @@ token rows per program as one (ROWS, BLOCK) tile (one row per program left most 
 
 Hidden sizes that are not powers of two (DiT-XL's 1152) load a power-of-two block with the tail masked
 to zero, and the centred values are masked again before the variance (Liger-Kernel #518).
+
+With QUANT the forward kernels write their output as the next FP8 GEMM's input instead: E4M3 rows and one
+fp32 scale per row (e4m3.py), which saves that GEMM a separate read, reduction and write of its activations.
 """
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def row_tile(n_rows, D, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's ROWS rows (int64: row * D passes 2^31 at DiT-XL/2 batch 7282), their columns, the
-    (ROWS, BLOCK) mask and element offsets."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    rmask = rows < n_rows
-    m = rmask[:, None] & (cols < D)[None, :]
-    return rows, cols, rmask, m, rows[:, None] * D + cols[None, :]
+from .e4m3 import e4m3_rows
+from .rows import row_tile
 
 
 @triton.jit
@@ -33,13 +28,25 @@ def modulated_norm(x, m, cols, b, D, eps, SHIFT, SCALE, s_shift, s_scale):
 
 
 @triton.jit
-def ln_modulate_fwd_kernel(X, Y, SHIFT, SCALE, MEAN, RSTD, n_rows, tokens, D, s_shift, s_scale, eps,
-                           BLOCK: tl.constexpr, ROWS: tl.constexpr, STORE_STATS: tl.constexpr):
-    """STORE_STATS: keep each row's mean and 1/std for the backward (inference stores nothing)."""
+def store_rows(Y, Y_SCALE, y, offs, m, rows, rmask, QUANT: tl.constexpr):
+    """y in Y's dtype, or (QUANT) as E4M3 rows with their scales in Y_SCALE."""
+    if QUANT:
+        q, scale = e4m3_rows(y, m)
+        tl.store(Y + offs, q.to(Y.dtype.element_ty), mask=m)
+        tl.store(Y_SCALE + rows, scale, mask=rmask)
+    else:
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def ln_modulate_fwd_kernel(X, Y, Y_SCALE, SHIFT, SCALE, MEAN, RSTD, n_rows, tokens, D, s_shift, s_scale, eps,
+                           BLOCK: tl.constexpr, ROWS: tl.constexpr, STORE_STATS: tl.constexpr, QUANT: tl.constexpr):
+    """STORE_STATS: keep each row's mean and 1/std for the backward (inference stores nothing). QUANT: Y is
+    the next FP8 GEMM's input, E4M3 with one scale per row in Y_SCALE (e4m3.py)."""
     rows, cols, rmask, m, offs = row_tile(n_rows, D, ROWS, BLOCK)
     x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
     y, mean, rstd = modulated_norm(x, m, cols, rows // tokens, D, eps, SHIFT, SCALE, s_shift, s_scale)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
+    store_rows(Y, Y_SCALE, y, offs, m, rows, rmask, QUANT)
     if STORE_STATS:
         tl.store(MEAN + rows, mean, mask=rmask)
         tl.store(RSTD + rows, rstd, mask=rmask)
@@ -68,10 +75,11 @@ def ln_modulate_bwd_kernel(DY, X, SCALE, MEAN, RSTD, DX, DSCALE_ROWS, tokens, D,
 
 
 @triton.jit
-def residual_ln_modulate_kernel(X, BRANCH, BIAS, GATE, SHIFT, SCALE, X_OUT, Y, n_rows, tokens, D, s_gate, s_shift,
-                                s_scale, eps, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+def residual_ln_modulate_kernel(X, BRANCH, BIAS, GATE, SHIFT, SCALE, X_OUT, Y, Y_SCALE, n_rows, tokens, D, s_gate,
+                                s_shift, s_scale, eps, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                                ROWS: tl.constexpr, QUANT: tl.constexpr):
     """x_out = x + gate * (branch + bias); y = LN(x_out) * (1 + scale) + shift. X_OUT may alias X and
-    Y may alias BRANCH: each program reads its whole rows before it writes them."""
+    Y may alias BRANCH: each program reads its whole rows before it writes them. QUANT: as above."""
     rows, cols, rmask, m, offs = row_tile(n_rows, D, ROWS, BLOCK)
     b = rows // tokens
     x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
@@ -82,4 +90,5 @@ def residual_ln_modulate_kernel(X, BRANCH, BIAS, GATE, SHIFT, SCALE, X_OUT, Y, n
     x = x + gate * br
     tl.store(X_OUT + offs, x.to(X_OUT.dtype.element_ty), mask=m)
     y, _, _ = modulated_norm(x, m, cols, b, D, eps, SHIFT, SCALE, s_shift, s_scale)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
+    store_rows(Y, Y_SCALE, y, offs, m, rows, rmask, QUANT)
+

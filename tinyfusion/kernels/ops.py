@@ -5,6 +5,9 @@ autograd for LayerNorm + modulation), and the attention dispatch.
     residual_ln_modulate_(x, branch, bias, gate, shift, scale, eps)   x += gate * (branch + bias);
                                                             branch <- LN(x) * (1 + scale) + shift
     bias_gelu_(h, bias)                                     h <- gelu_tanh(h + bias)
+    ln_modulate_e4m3, residual_ln_modulate_e4m3_, bias_gelu_e4m3, quantize_rows
+                                                            the same (inference), written as an FP8 GEMM's
+                                                            input: E4M3 rows and their fp32 scales
     attention(q, k, v)  (B, H, N, d) views -> (B, N, H, d): flash-attn, else SDPA (our Triton kernel in the
                         interpreter, or when TINYFUSION_ATTENTION=triton)
 
@@ -23,7 +26,8 @@ from ..errors import UserError
 from . import INTERPRET, next_power_of_2
 from .adaln import ln_modulate_bwd_kernel, ln_modulate_fwd_kernel, residual_ln_modulate_kernel
 from .attention import flash_attention_fwd_kernel
-from .gelu import bias_gelu_kernel
+from .e4m3 import quantize_rows_kernel
+from .gelu import bias_gelu_e4m3_kernel, bias_gelu_kernel
 
 log = logging.getLogger("tinyfusion.kernels")
 
@@ -45,17 +49,25 @@ def row_launch(d, n_rows):
     return rows, warps
 
 
-def launch_ln_modulate(x, shift, scale, eps, store_stats):
+def launch_ln_modulate(x, shift, scale, eps, store_stats, quant=False):
     B, N, D = x.shape
-    y = torch.empty_like(x)
     n = B * N
+    y, y_scale = quantized_output(x) if quant else (torch.empty_like(x), x)
     mean = torch.empty(n if store_stats else 0, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     rows, warps = row_launch(D, n)
-    ln_modulate_fwd_kernel[(-(-n // rows),)](x, y, shift, scale, mean, rstd, n, N, D, shift.stride(0), scale.stride(0),
-                                             eps, BLOCK=next_power_of_2(D), ROWS=rows, STORE_STATS=store_stats,
-                                             num_warps=warps)
-    return y, mean, rstd
+    ln_modulate_fwd_kernel[(-(-n // rows),)](x, y, y_scale, shift, scale, mean, rstd, n, N, D, shift.stride(0),
+                                             scale.stride(0), eps, BLOCK=next_power_of_2(D), ROWS=rows,
+                                             STORE_STATS=store_stats, QUANT=quant, num_warps=warps)
+    return y, y_scale, mean, rstd
+
+
+def quantized_output(x):
+    """The (rows, columns) E4M3 buffer and (rows, 1) fp32 scales a kernel writes an FP8 GEMM's input into."""
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    return (torch.empty(rows, cols, device=x.device, dtype=torch.float8_e4m3fn),
+            torch.empty(rows, 1, device=x.device, dtype=torch.float32))
 
 
 # The kernels index raw pointers with the strides these shapes imply: a wrong layout would read the wrong
@@ -85,7 +97,8 @@ def ln_modulate_fwd(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tupl
     check_tokens(x)
     check_rows(shift, x, "shift")
     check_rows(scale, x, "scale")
-    return launch_ln_modulate(x, shift, scale, eps, store_stats=True)
+    y, _, mean, rstd = launch_ln_modulate(x, shift, scale, eps, store_stats=True)
+    return y, mean, rstd
 
 
 @ln_modulate_fwd.register_fake
@@ -139,15 +152,27 @@ def _(x, shift, scale, eps):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("tinyfusion_triton::ln_modulate_e4m3", mutates_args=())
+def ln_modulate_e4m3(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """LN(x) * (1 + scale) + shift as an FP8 GEMM's input: (B*N, D) E4M3 rows and their (B*N, 1) scales."""
+    check_tokens(x)
+    check_rows(shift, x, "shift")
+    check_rows(scale, x, "scale")
+    return launch_ln_modulate(x, shift, scale, eps, store_stats=False, quant=True)[:2]
+
+
+@ln_modulate_e4m3.register_fake
+def _(x, shift, scale, eps):
+    return quantized_output(x)
+
+
 def ln_modulate(x, shift, scale, eps=1e-6):
     if torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale.requires_grad):
         return ln_modulate_fwd(x, shift, scale, eps)[0]
     return ln_modulate_infer(x, shift, scale, eps)
 
 
-@torch.library.custom_op("tinyfusion_triton::residual_ln_modulate_", mutates_args=("x", "branch"))
-def residual_ln_modulate_(x: Tensor, branch: Tensor, bias: Tensor | None, gate: Tensor, shift: Tensor, scale: Tensor,
-                          eps: float) -> None:
+def launch_residual_ln_modulate(x, branch, bias, gate, shift, scale, eps, y, y_scale, quant):
     check_tokens(x)
     check_tokens(branch, "branch")
     if branch.shape != x.shape:
@@ -160,9 +185,15 @@ def residual_ln_modulate_(x: Tensor, branch: Tensor, bias: Tensor | None, gate: 
     n = B * N
     rows, warps = row_launch(D, n)
     residual_ln_modulate_kernel[(-(-n // rows),)](x, branch, bias if bias is not None else x, gate, shift, scale, x,
-                                                  branch, n, N, D, gate.stride(0), shift.stride(0), scale.stride(0),
-                                                  eps, HAS_BIAS=bias is not None, BLOCK=next_power_of_2(D), ROWS=rows,
-                                                  num_warps=warps)
+                                                  y, y_scale, n, N, D, gate.stride(0), shift.stride(0),
+                                                  scale.stride(0), eps, HAS_BIAS=bias is not None,
+                                                  BLOCK=next_power_of_2(D), ROWS=rows, QUANT=quant, num_warps=warps)
+
+
+@torch.library.custom_op("tinyfusion_triton::residual_ln_modulate_", mutates_args=("x", "branch"))
+def residual_ln_modulate_(x: Tensor, branch: Tensor, bias: Tensor | None, gate: Tensor, shift: Tensor, scale: Tensor,
+                          eps: float) -> None:
+    launch_residual_ln_modulate(x, branch, bias, gate, shift, scale, eps, branch, x, quant=False)
 
 
 @residual_ln_modulate_.register_fake
@@ -170,12 +201,31 @@ def _(x, branch, bias, gate, shift, scale, eps):
     return None
 
 
-@torch.library.custom_op("tinyfusion_triton::bias_gelu_", mutates_args=("h",))
-def bias_gelu_(h: Tensor, bias: Tensor) -> None:
+@torch.library.custom_op("tinyfusion_triton::residual_ln_modulate_e4m3_", mutates_args=("x",))
+def residual_ln_modulate_e4m3_(x: Tensor, branch: Tensor, bias: Tensor | None, gate: Tensor, shift: Tensor,
+                               scale: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x += gate * (branch + bias); LN(x) * (1 + scale) + shift returned as an FP8 GEMM's input (E4M3 rows
+    and their scales, as ln_modulate_e4m3); branch is only read."""
+    y, y_scale = quantized_output(x)
+    launch_residual_ln_modulate(x, branch, bias, gate, shift, scale, eps, y, y_scale, quant=True)
+    return y, y_scale
+
+
+@residual_ln_modulate_e4m3_.register_fake
+def _(x, branch, bias, gate, shift, scale, eps):
+    return quantized_output(x)
+
+
+def check_hidden(h, bias):
     if not h.is_contiguous() or h.shape[-1] != bias.numel():
         raise ValueError(f"h must be contiguous with its last dimension the bias's {bias.numel()}, got shape "
                          f"{tuple(h.shape)} with strides {h.stride()}")
     check_bias(bias, h.shape[-1])
+
+
+@torch.library.custom_op("tinyfusion_triton::bias_gelu_", mutates_args=("h",))
+def bias_gelu_(h: Tensor, bias: Tensor) -> None:
+    check_hidden(h, bias)
     cols = bias.shape[0]
     block = min(1024, next_power_of_2(cols))
     bias_gelu_kernel[(h.numel() // cols, -(-cols // block))](h, bias, cols, BLOCK=block, num_warps=4)
@@ -184,6 +234,40 @@ def bias_gelu_(h: Tensor, bias: Tensor) -> None:
 @bias_gelu_.register_fake
 def _(h, bias):
     return None
+
+
+@torch.library.custom_op("tinyfusion_triton::bias_gelu_e4m3", mutates_args=())
+def bias_gelu_e4m3(h: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """gelu_tanh(h + bias) as an FP8 GEMM's input: (rows, cols) E4M3 and (rows, 1) scales; h is only read."""
+    check_hidden(h, bias)
+    q, s = quantized_output(h)
+    cols = bias.shape[0]
+    block = next_power_of_2(cols)  # the whole row in one program: its amax is the scale
+    bias_gelu_e4m3_kernel[(q.shape[0],)](h, bias, q, s, cols, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    return q, s
+
+
+@bias_gelu_e4m3.register_fake
+def _(h, bias):
+    return quantized_output(h)
+
+
+@torch.library.custom_op("tinyfusion_triton::quantize_rows", mutates_args=())
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(E4M3 rows, (rows, 1) fp32 scales) of a contiguous tensor, one scale per row of its last dimension:
+    runtime/fp8.py's `quantize(x, -1)` in one pass."""
+    if not x.is_contiguous():
+        raise ValueError(f"x must be contiguous, got shape {tuple(x.shape)} with strides {x.stride()}")
+    q, s = quantized_output(x)
+    n, d = q.shape
+    rows, warps = row_launch(d, n)
+    quantize_rows_kernel[(-(-n // rows),)](x, q, s, n, d, BLOCK=next_power_of_2(d), ROWS=rows, num_warps=warps)
+    return q, s
+
+
+@quantize_rows.register_fake
+def _(x):
+    return quantized_output(x)
 
 
 @torch.library.custom_op("tinyfusion_triton::flash_attention", mutates_args=())

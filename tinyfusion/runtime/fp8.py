@@ -2,7 +2,9 @@
 fc1, fc2) through `torch._scaled_mm` with E4M3 operands.
 
 - Weights: E4M3 with one fp32 scale per output channel (amax / 448), quantized once at load.
-- Activations: quantized per row (per token) on the fly, scale amax / 448.
+- Activations: quantized per row (per token) on the fly, scale amax / 448. With the Triton ops the kernel
+  that produces a GEMM's input writes it in E4M3 (kernels/e4m3.py): LayerNorm + modulate before qkv and
+  fc1, bias + GELU before fc2; the attention output is quantized by one pass of its own (before proj).
 - The GEMM accumulates in fp32 and applies both scales; its output is the model's dtype (bf16 on CUDA,
   fp32 on the CPU), where LayerNorm, adaLN, the residual, attention and bias+GELU stay.
 
@@ -41,10 +43,12 @@ def block_linears(model):
 
 
 class Fp8Gemms:
-    """The fused forward's block GEMMs in FP8 (the interface of fused.TorchGemms)."""
+    """The fused forward's block GEMMs in FP8 (the interface of fused.TorchGemms). An input is a tensor, or
+    an (E4M3, scales) pair that a kernel has already quantized. `fused`: quantize in the Triton ops (the ops
+    need bias_gelu_e4m3 and quantize_rows), else in PyTorch (`quantize`)."""
 
-    def __init__(self, model, ops):
-        self.ops = ops
+    def __init__(self, model, ops, fused=False):
+        self.ops, self.fused = ops, fused
         self.out_dtype = next(model.parameters()).dtype
         # weight (N, K) row-major: its transpose is the column-major (K, N) operand _scaled_mm wants
         self.weights = {}
@@ -54,11 +58,13 @@ class Fp8Gemms:
 
     def linear(self, x, layer, bias=True):
         wq, ws = self.weights[id(layer)]
-        xq, xs = quantize(x, -1)
+        xq, xs = x if isinstance(x, tuple) else self.ops.quantize_rows(x) if self.fused else quantize(x, -1)
         b = layer.bias.to(self.out_dtype) if bias and layer.bias is not None else None
         return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, bias=b, out_dtype=self.out_dtype)
 
     def linear_gelu(self, x, layer):
         h = self.linear(x, layer, bias=False)
+        if self.fused:  # fc2's input, quantized where GELU is computed
+            return self.ops.bias_gelu_e4m3(h, layer.bias)
         self.ops.bias_gelu_(h, layer.bias)
         return h

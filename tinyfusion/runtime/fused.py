@@ -54,12 +54,16 @@ def onednn_available(model):
 
 
 class FusedForward:
-    def __init__(self, model, ops, attention=sdpa, onednn=False, fp8=False):
+    def __init__(self, model, ops, attention=sdpa, onednn=False, fp8=False, fuse_quantization=True):
+        """fp8: the block GEMMs in FP8 (runtime/fp8.py); adaLN and the final layer stay in the model's dtype.
+        fuse_quantization: with ops that have the E4M3 variants (Triton), the kernels before each FP8 GEMM
+        write its input quantized (False: quantized in PyTorch, the cpp backend's way)."""
         self.ops, self.attention, self.model = ops, attention, model
-        if fp8:  # the block GEMMs in FP8 (runtime/fp8.py); adaLN and the final layer stay in the model's dtype
+        self.quantized = fp8 and fuse_quantization and hasattr(ops, "residual_ln_modulate_e4m3_")
+        if fp8:
             from .fp8 import Fp8Gemms
 
-            self.gemms = Fp8Gemms(model, ops)
+            self.gemms = Fp8Gemms(model, ops, fused=self.quantized)
         else:
             self.gemms = OneDNNGemms(model) if onednn and onednn_available(model) else TorchGemms(ops)
         blocks = list(model.blocks)
@@ -80,20 +84,32 @@ class FusedForward:
         def mod(k):  # k-th (B, D) modulation row block: a strided view, unit stride along D
             return mods[:, k * D:(k + 1) * D]
 
-        h = ops.ln_modulate(tokens, mod(0), mod(1), self.eps1)  # the final layer's shift/scale when depth is 0
+        depth = len(m.blocks)
+        # h: the next GEMM's input, (B*N, D) rows or their (E4M3, scales); the final layer's input is never quantized
+        if self.quantized and depth:
+            h = ops.ln_modulate_e4m3(tokens, mod(0), mod(1), self.eps1)
+        else:  # the final layer's shift/scale when depth is 0
+            h = ops.ln_modulate(tokens, mod(0), mod(1), self.eps1).view(B * N, D)
         gemm = self.gemms
         for i, blk in enumerate(m.blocks):
-            qkv = gemm.linear(h.view(B * N, D), blk.attn.qkv)
+            qkv = gemm.linear(h, blk.attn.qkv)
             q, k, v = qkv.view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) views
             a = self.attention(q, k, v).reshape(B * N, D)
             branch = gemm.linear(a, blk.attn.proj, bias=False).view(B, N, D)  # the bias joins the residual
-            ops.residual_ln_modulate_(tokens, branch, blk.attn.proj.bias, mod(6 * i + 2), mod(6 * i + 3),
-                                      mod(6 * i + 4), self.eps2)
-            hidden = gemm.linear_gelu(branch.view(B * N, D), blk.mlp.fc1)
+            h = self.residual_norm(tokens, branch, blk.attn.proj.bias, mod(6 * i + 2), mod(6 * i + 3),
+                                   mod(6 * i + 4), self.eps2, self.quantized)
+            hidden = gemm.linear_gelu(h, blk.mlp.fc1)
             branch = gemm.linear(hidden, blk.mlp.fc2, bias=False).view(B, N, D)
             nxt = 6 * (i + 1)  # the next block's norm1 shift/scale, or the final layer's after the last block
-            ops.residual_ln_modulate_(tokens, branch, blk.mlp.fc2.bias, mod(6 * i + 5), mod(nxt), mod(nxt + 1),
-                                      self.eps1)
-            h = branch
-        out = torch.addmm(m.final_layer.linear.bias, h.view(B * N, D), m.final_layer.linear.weight.t())
+            h = self.residual_norm(tokens, branch, blk.mlp.fc2.bias, mod(6 * i + 5), mod(nxt), mod(nxt + 1),
+                                   self.eps1, self.quantized and i + 1 < depth)
+        out = torch.addmm(m.final_layer.linear.bias, h, m.final_layer.linear.weight.t())
         return m.unpatchify(out.view(B, N, -1))
+
+    def residual_norm(self, tokens, branch, bias, gate, shift, scale, eps, quantize):
+        """tokens += gate * (branch + bias), then the next GEMM's input LN(tokens) * (1 + scale) + shift:
+        written over branch as (B*N, D) rows, or (quantize) as E4M3 rows and their scales."""
+        if quantize:
+            return self.ops.residual_ln_modulate_e4m3_(tokens, branch, bias, gate, shift, scale, eps)
+        self.ops.residual_ln_modulate_(tokens, branch, bias, gate, shift, scale, eps)
+        return branch.view(-1, branch.shape[-1])
