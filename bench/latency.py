@@ -2,8 +2,8 @@
 
 For each backend and depth, the median forward latency (after warm-up) of a DiT with random weights,
 then a fit t(L) = a + b*L with R^2, the half-depth speedup against its ideal (a + bL) / (a + bL/2) and
-against 2, and the share of the FLOP floor reached (FLOPs counted from the config over a GEMM rate
-measured in the same run). A width-pruned model with the parameters of the half-depth one (hidden and
+against 2, and the share of the FLOP floor reached (FLOPs counted from the config over the fastest GEMM
+path's rate, timed in the same interleaved rounds as the backend's forwards). A width-pruned model with the parameters of the half-depth one (hidden and
 MLP sizes scaled by 1/sqrt(2) to the nearest
 multiple of lcm(heads, 4), head count kept) runs at full depth beside it: depth versus width.
 
@@ -104,14 +104,13 @@ def forward_flops(c, batch):
     return c.depth * block + edges
 
 
-def gemm_paths(tokens, d, mlp, device, dtype, repeats):
-    """GFLOP/s of every GEMM path this machine has at the model's MLP shape, measured now: PyTorch's
-    default (MKL on the CPU, cuBLAS on a GPU) and, for fp32 on the CPU, oneDNN with a reordered weight
-    (what the cpp backend runs) and onnxruntime's MLAS. The fastest is the denominator of the floor: a
-    backend measured against a slower GEMM than the machine has would look better than it is."""
+def gemm_runners(tokens, d, mlp, device, dtype):
+    """Every GEMM path this machine has at the model's MLP shape, as no-argument calls, and their FLOPs:
+    PyTorch's default (MKL on the CPU, cuBLAS on a GPU) and, for fp32 on the CPU, oneDNN with a reordered
+    weight (what the cpp backend runs) and onnxruntime's MLAS. The fastest is the denominator of the floor:
+    a backend measured against a slower GEMM than the machine has would look better than it is."""
     a = torch.randn(tokens, d, device=device, dtype=dtype)
     w = torch.randn(mlp, d, device=device, dtype=dtype)
-    flop = 2 * tokens * d * mlp
     runs = {"torch": lambda: torch.mm(a, w.t())}
     if torch.device(device).type == "cpu" and dtype == torch.float32:
         if torch.backends.mkldnn.is_available():
@@ -121,6 +120,11 @@ def gemm_paths(tokens, d, mlp, device, dtype, repeats):
         if ort is not None:
             feed = {"a": a.numpy()}
             runs["onnxruntime"] = lambda: ort.run(None, feed)
+    return runs, 2 * tokens * d * mlp
+
+
+def gemm_paths(runs, flop, device, repeats):
+    """GFLOP/s of each GEMM path, measured on its own before any backend (the summary's gemm_paths)."""
     # long warm-up: thread pools spin up
     return {name: flop / median_ms(fn, device, 10, max(repeats, 30)) / 1e6 for name, fn in runs.items()}
 
@@ -247,11 +251,13 @@ def fp8_cosine(rt, args):
     return torch.nn.functional.cosine_similarity(out, ref, dim=0).item()
 
 
-def measure_backend(args, backend):
-    """Median latency of every model (each depth, and the width-pruned one) of one backend. Its cases are
-    timed in interleaved rounds, one forward each per round, so drift in a shared machine's load hits every
-    depth alike (the fit and the half-depth speed-up compare those); a backend's results are written before
-    the next backend starts, so a run cut off by a time limit keeps every backend it finished."""
+def measure_backend(args, backend, gemms):
+    """Median latency of every model (each depth, and the width-pruned one) of one backend, and of each GEMM
+    path (`gemms`, keyed ("gemm", name)). Its cases are timed in interleaved rounds, one forward each per
+    round, so drift in a shared machine's load hits every depth alike (the fit and the half-depth speed-up
+    compare those) and hits the floor's GEMM as it hits the forwards (each GEMM timed warm: run once
+    untimed just before); a backend's results are written before the next backend starts, so a run cut off
+    by a time limit keeps every backend it finished."""
     full = PRESETS[args.preset]["config"]["depth"]
     configs = [(d, make_config(args.preset, d)) for d in args.depths]
     if not args.no_width and args.depths[0] == full:
@@ -261,15 +267,18 @@ def measure_backend(args, backend):
         rt = load_backend(random_model(config), backend, args)
         cases[backend, key] = (rt, prepared_forward(rt, args))
         print(f"  ready: {backend} {'width-pruned' if key == 'width' else f'depth {key}'}", flush=True)
-    times = {case: [] for case in cases}
+    times = {case: [] for case in [*cases, *(("gemm", name) for name in gemms)]}
     with torch.no_grad():
         for _ in range(args.repeats):
             for case, (_, fn) in cases.items():
                 times[case].append(time_once(fn, args.device))
+            for name, fn in gemms.items():
+                fn()
+                times["gemm", name].append(time_once(fn, args.device))
     return {case: statistics.median(ts) for case, ts in times.items()}, {case: rt for case, (rt, _) in cases.items()}
 
 
-def backend_result(backend, args, gflops, medians, runtimes):
+def backend_result(backend, args, gemm_flop, medians, runtimes):
     ms = [medians[backend, d] for d in args.depths]
     # one depth has no line: the fit is null in the JSON (not a bare NaN, which JSON does not have)
     a, b, r2 = fit_line(args.depths, ms) if len(ms) > 1 else (None,) * 3
@@ -278,7 +287,9 @@ def backend_result(backend, args, gflops, medians, runtimes):
     if top % 2 == 0 and top // 2 in args.depths:
         result["half_depth_speedup"] = medians[backend, top] / medians[backend, top // 2]
         result["ideal_half_depth_speedup"] = (a + b * top) / (a + b * top / 2)
-    floor_ms = forward_flops(make_config(args.preset, top), args.batch) / gflops / 1e6
+    # the floor: the fastest GEMM path, timed in this backend's own rounds
+    result["gemm_gflops"] = {name: gemm_flop / ms / 1e6 for (kind, name), ms in medians.items() if kind == "gemm"}
+    floor_ms = forward_flops(make_config(args.preset, top), args.batch) / max(result["gemm_gflops"].values()) / 1e6
     result["floor_ms"] = floor_ms
     result["floor_fraction"] = floor_ms / medians[backend, top]
     if (backend, "width") in medians:
@@ -394,20 +405,21 @@ def main(argv=None):
     t0 = time.time()
     top = make_config(args.preset, args.depths[0])
     tokens = args.batch * (top.input_size // top.patch_size) ** 2
-    paths = gemm_paths(tokens, top.hidden_size, int(top.hidden_size * top.mlp_ratio), args.device,
-                       DTYPES[args.dtype], args.repeats)
+    gemms, gemm_flop = gemm_runners(tokens, top.hidden_size, int(top.hidden_size * top.mlp_ratio), args.device,
+                                    DTYPES[args.dtype])
+    paths = gemm_paths(gemms, gemm_flop, args.device, args.repeats)
     gflops = max(paths.values())
     print(f"GEMM rate ({tokens}x{top.hidden_size} @ {top.hidden_size}x{int(top.hidden_size * top.mlp_ratio)}, "
           f"{args.dtype}): " + ", ".join(f"{k} {v:.1f}" for k, v in paths.items()) +
-          f" GFLOP/s; the floor uses the fastest, {gflops:.1f}", flush=True)
+          f" GFLOP/s; each backend's floor uses the fastest path timed again in its own rounds", flush=True)
     summary = {"preset": args.preset, "machine": machine(args), "date": time.strftime("%Y-%m-%d"),
                "command": "python bench/latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "batch": args.batch, "dtype": args.dtype, "device": args.device, "tokens": 256,
                "hidden_size": top.hidden_size, "gemm_gflops": gflops, "gemm_paths": paths, "results": [],
                "backends_left": list(args.backends)}
     for backend in args.backends:
-        medians, runtimes = measure_backend(args, backend)
-        summary["results"].append(backend_result(backend, args, gflops, medians, runtimes))
+        medians, runtimes = measure_backend(args, backend, gemms)
+        summary["results"].append(backend_result(backend, args, gemm_flop, medians, runtimes))
         summary["backends_left"].remove(backend)
         summary["wall_s"] = time.time() - t0
         write_outputs(summary, args)  # after every backend: a cut-off run keeps what it finished

@@ -36,7 +36,9 @@ def test_small_run_writes_fit_and_outputs(tmp_path, capsys):
         assert r["fit"]["a"] == pytest.approx(a) and r["fit"]["b"] == pytest.approx(b) and r["fit"]["r2"] == pytest.approx(r2)
         assert r["half_depth_speedup"] == pytest.approx(ms[0] / ms[1])
         assert r["ideal_half_depth_speedup"] == pytest.approx((a + 4 * b) / (a + 2 * b))
-        floor_ms = latency.forward_flops(latency.make_config("cpu", 4), 1) / summary["gemm_gflops"] / 1e6
+        # each backend's floor: the fastest path timed again in that backend's interleaved rounds
+        assert set(r["gemm_gflops"]) == set(summary["gemm_paths"]) and all(v > 0 for v in r["gemm_gflops"].values())
+        floor_ms = latency.forward_flops(latency.make_config("cpu", 4), 1) / max(r["gemm_gflops"].values()) / 1e6
         assert r["floor_ms"] == pytest.approx(floor_ms) and r["floor_fraction"] == pytest.approx(floor_ms / ms[0])
         written = {int(row[1]): float(row[3]) for row in rows[1:] if row[0] == r["backend"]}
         assert [written[d] for d in (4, 2, 1)] == pytest.approx(ms, rel=1e-3)
@@ -50,10 +52,10 @@ def test_a_run_cut_off_keeps_every_backend_it_finished(tmp_path, capsys, monkeyp
     out = tmp_path / "cut.json"
     real = latency.measure_backend
 
-    def dies_on_cpp(args, backend):
+    def dies_on_cpp(args, backend, gemms):
         if backend == "cpp":
             raise KeyboardInterrupt  # what a time limit's signal does to the run
-        return real(args, backend)
+        return real(args, backend, gemms)
 
     monkeypatch.setattr(latency, "measure_backend", dies_on_cpp)
     code, _, _ = run_main(latency.main, ["--backends", "eager", "cpp", "--depths", "2", "1", "--batch", "1",
