@@ -122,6 +122,10 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32, max_ba
         raise UserError(f"CUDA graphs need a CUDA device and the eager, compile or triton backend, not {backend} on {device}")
     if backend in ("cpp", "onnxruntime") and (torch.device(device).type != "cpu" or dtype != torch.float32):
         raise UserError(f"the {backend} backend runs float32 on the CPU, not {dtype} on {device}")
+    if torch.device(device).type == "cpu":
+        from .heap import keep_freed_memory
+
+        keep_freed_memory()
     if isinstance(ckpt, torch.nn.Module):
         model = ckpt
         p = next(model.parameters())

@@ -9,7 +9,7 @@ ln_modulate, residual_ln_modulate_ and bias_gelu_, and an attention (B, H, N, d)
 On the CPU the GEMMs go through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel Inductor's CPU
 freezing path emits) with the weights reordered once into its blocked layout and tanh-GELU as the fc1
 GEMM's post-op: PyTorch's default addmm first copies the broadcast bias into its output, and a separate
-GELU pass reads and writes the widest activation again (measured in docs/runtime-cpu.md).
+GELU pass reads and writes the widest activation again (measured in docs/runtime.md).
 """
 import torch
 import torch.nn.functional as F
