@@ -113,9 +113,19 @@ def test_shipped_teacher_under_fp8_samples_like_fp32():
     assert cosine(a, b) >= 0.99, cosine(a, b)
 
 
-def test_fp8_is_refused_where_it_does_not_run():
+def test_fp8_is_refused_where_it_does_not_run(monkeypatch):
+    """A backend without the fused forward, and a GPU without FP8 tensor cores (an A100 reports compute
+    capability 8.0; the device query is replaced, the check is ours) are refused in one line."""
     from tinyfusion.errors import UserError
+    from tinyfusion.runtime.fp8 import check_device
 
     model = randomized(DiT(config_from_name("DiT-S/2", input_size=8, depth=1)))
     with pytest.raises(UserError, match="triton .CUDA. or cpp .CPU. backend"):
         runtime.load(model, "eager", dtype="fp8")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(UserError, match=r"^FP8 needs a GPU of CUDA compute capability 8.9 or later .*A100-SXM4-80GB is 8.0$"):
+        check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_device("cuda")  # Hopper
+    check_device("cpu")

@@ -118,6 +118,9 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32, max_ba
             raise UserError(f"FP8 runs the block GEMMs of the fused forward: the triton (CUDA) or cpp (CPU) backend, "
                             f"not {backend}")
         dtype = torch.float32 if backend == "cpp" else torch.bfloat16
+        from .fp8 import check_device
+
+        check_device(device)
     if cuda_graphs and (torch.device(device).type != "cuda" or backend not in ("eager", "compile", "triton")):
         raise UserError(f"CUDA graphs need a CUDA device and the eager, compile or triton backend, not {backend} on {device}")
     if backend in ("cpp", "onnxruntime") and (torch.device(device).type != "cpu" or dtype != torch.float32):

@@ -15,6 +15,8 @@ hold the real path to.
 """
 import torch
 
+from ..errors import UserError
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 
@@ -36,6 +38,16 @@ def qdq_linear(x, weight, bias=None):
     ws = dequantize(*quantize(weight, 1))
     out = xs @ ws.t()
     return out + bias.float() if bias is not None else out
+
+
+def check_device(device):
+    """FP8 GEMMs run on the CPU (PyTorch's reference) or on FP8 tensor cores: CUDA compute capability 8.9 or
+    later (Ada, Hopper, Blackwell); an older GPU is refused in one line instead of failing inside a kernel."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UserError(f"FP8 needs a GPU of CUDA compute capability 8.9 or later (Ada, Hopper); "
+                        f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
 
 
 def block_linears(model):
