@@ -38,17 +38,19 @@ def ceilings(dtype):
     return {"copy_gb_s": 2 * x.numel() / copy_ms / 1e6, "gemm_tflops": 2 * 8192**3 / gemm_ms / 1e9}
 
 
-def cases(batch, dtype):
+def cases(batch, dtype, device="cuda", tokens=N):
+    """{kernel: (bytes moved, or -FLOPs for attention; {impl: no-argument call})} at DiT-XL/2's width (the
+    tests call it on the CPU, in Triton's interpreter, with a few tokens)."""
     from tinyfusion.kernels import ops
     from tinyfusion.runtime.fp8 import quantize
 
-    x = torch.randn(batch, N, D, device="cuda", dtype=dtype)
+    x = torch.randn(batch, tokens, D, device=device, dtype=dtype)
     br = torch.randn_like(x)
-    mods = torch.randn(batch, 4 * D, device="cuda", dtype=dtype) * 0.1
+    mods = torch.randn(batch, 4 * D, device=device, dtype=dtype) * 0.1
     gate, shift, scale, bias = mods[:, :D], mods[:, D:2 * D], mods[:, 2 * D:3 * D], mods[0, 3 * D:]
-    h = torch.randn(batch * N, MLP, device="cuda", dtype=dtype)
-    fc1_bias = torch.randn(MLP, device="cuda", dtype=dtype)
-    qkv = torch.randn(batch, N, 3, HEADS, D // HEADS, device="cuda", dtype=dtype)
+    h = torch.randn(batch * tokens, MLP, device=device, dtype=dtype)
+    fc1_bias = torch.randn(MLP, device=device, dtype=dtype)
+    qkv = torch.randn(batch, tokens, 3, HEADS, D // HEADS, device=device, dtype=dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     el = x.element_size()
 
@@ -90,7 +92,7 @@ def cases(batch, dtype):
         "quantize rows (E4M3)": ((el + 1) * x.numel(), {
             "eager": lambda: quantize(x.view(-1, D), -1), "compile": lambda: quantize_c(x.view(-1, D), -1),
             "triton": lambda: ops.quantize_rows(x)}),
-        "attention (TFLOP/s)": (-4 * batch * HEADS * N * N * (D // HEADS), {
+        "attention (TFLOP/s)": (-4 * batch * HEADS * tokens * tokens * (D // HEADS), {
             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
             "triton": lambda: ops.flash_attention(q, k, v)}),
     }
