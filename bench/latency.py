@@ -3,9 +3,9 @@
 For each backend and depth, the median forward latency (after warm-up) of a DiT with random weights,
 then a fit t(L) = a + b*L with R^2, the half-depth speedup against its ideal (a + bL) / (a + bL/2) and
 against 2, and the share of the FLOP floor reached (FLOPs counted from the config over the fastest GEMM
-path's rate, timed in the same interleaved rounds as the backend's forwards). A width-pruned model with the parameters of the half-depth one (hidden and
-MLP sizes scaled by 1/sqrt(2) to the nearest
-multiple of lcm(heads, 4), head count kept) runs at full depth beside it: depth versus width.
+path's rate, timed in the same interleaved rounds as the backend's forwards). A width-pruned model with the
+parameters of the half-depth one (hidden and MLP sizes scaled by 1/sqrt(2) to the nearest multiple of
+lcm(heads, 4), head count kept) runs at full depth beside it: depth versus width.
 
   python bench/latency.py                        # --preset cpu: DiT-S/2 width, 256 tokens, depths 12 9 6 3
   python bench/latency.py --preset xl --device cuda --dtype bf16    # DiT-XL/2: 28 21 14 7

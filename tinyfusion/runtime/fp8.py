@@ -44,8 +44,10 @@ def check_device(device):
     """FP8 GEMMs run on the CPU (PyTorch's reference) or on FP8 tensor cores: CUDA compute capability 8.9 or
     later (Ada, Hopper, Blackwell); an older GPU is refused in one line instead of failing inside a kernel."""
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
+    if device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
         raise UserError(f"FP8 needs a GPU of CUDA compute capability 8.9 or later (Ada, Hopper); "
                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
 
