@@ -63,6 +63,7 @@ class Fp8Gemms:
 
     def __init__(self, model, ops, fused=False):
         self.ops, self.fused = ops, fused
+        self.quantize_rows = ops.quantize_rows if fused else lambda x: quantize(x, -1)
         self.out_dtype = next(model.parameters()).dtype
         # weight (N, K) row-major: its transpose is the column-major (K, N) operand _scaled_mm wants
         self.weights = {}
@@ -72,7 +73,7 @@ class Fp8Gemms:
 
     def linear(self, x, layer, bias=True):
         wq, ws = self.weights[id(layer)]
-        xq, xs = x if isinstance(x, tuple) else self.ops.quantize_rows(x) if self.fused else quantize(x, -1)
+        xq, xs = x if isinstance(x, tuple) else self.quantize_rows(x)
         b = layer.bias.to(self.out_dtype) if bias and layer.bias is not None else None
         return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, bias=b, out_dtype=self.out_dtype)
 
