@@ -143,6 +143,9 @@ def onnxruntime_matmul(w):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # ORT's threads spin-wait after a run by default, on the cores the forward timed next needs: 40 ms (8%) on
+    # the cpp backend's DiT-S/2 forward right after this GEMM (docs/runtime.md); this GEMM loses nothing by it
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

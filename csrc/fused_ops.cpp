@@ -2,12 +2,15 @@
 //   ln_modulate            out = LN(x) * (1 + scale) + shift                   (no affine, per-sample rows)
 //   residual_ln_modulate_  x += gate * (branch + bias); branch = LN(x) * (1 + scale) + shift   (in place)
 //   bias_gelu_             h = gelu_tanh(h + bias)                              (in place, the fc1 epilogue)
+//   attention              softmax(q k^T / sqrt(d)) v per (sample, head): (B, H, N, d) views -> (B, N, H, d)
 // One pass over memory each; rows are spread over threads with at::parallel_for. The row loops are
 // compiled three times (AVX-512, AVX2, portable) and the loader picks the best the CPU has.
 // Narrow headers, not <torch/extension.h>: the whole C++ frontend took 64 s of a 2-core install to
 // compile; these take 17 s.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -16,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 // Feature-based clones (not arch=: the resolver would test the CPU model and miss, say, an AMD EPYC with AVX-512).
@@ -85,6 +89,38 @@ TF_CLONES void row_bias_gelu(float* h, const float* bias, int64_t d) {
     const float u2 = -1.5957691216057308f * (v + 0.044715f * v * v * v);
     h[i] = v / (1.0f + fast_exp(u2));
   }
+}
+
+// softmax numerators of one score row in place, exp((s - max) * scale); returns their sum.
+TF_CLONES float row_softmax_numerators(float* s, int64_t n, float scale) {
+  float mx = s[0];
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = fast_exp((s[j] - mx) * scale);
+    s[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+TF_CLONES void row_scale(float* x, int64_t n, float f) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= f;
+}
+
+// (n, d) rows with row stride ld -> (d, n) contiguous: the k^T operand of the score GEMM.
+void transpose_rows(const float* k, int64_t ld, int64_t n, int64_t d, float* kt) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < d; ++j) kt[j * n + i] = k[i * ld + j];
+}
+
+void check_heads(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(t.dim() == 4 && t.sizes() == q.sizes() && t.stride(3) == 1, name,
+              " must be (B, H, N, d) like q, with unit stride along d");
 }
 
 // Rows of a (B, N, D) tensor are grouped by sample b = row / N; modulation rows are (B, D) with any row stride.
@@ -174,6 +210,47 @@ void bias_gelu_(at::Tensor& h, const at::Tensor& bias) {
   });
 }
 
+// Exact attention, one (sample, head, block of query rows) per task: the score block (rows x N, at most
+// 256 KiB: it stays in L2) = q k^T by oneDNN's f32 BRGEMM micro-kernel (PyTorch's cpublas::brgemm; MKL's
+// sgemm where the ukernel is absent), softmax numerators in place, then (numerators v) / row sums written
+// straight into the (B, N, H, d) output. q, k, v are strided views (the columns of one qkv GEMM output).
+// Measured beside PyTorch's CPU SDPA at DiT-S/2 shapes in docs/runtime.md.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_heads(q, q, "q");
+  check_heads(k, q, "k");
+  check_heads(v, q, "v");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), d = q.size(3);
+  auto out = at::empty({B, N, H, d}, q.options());
+  if (out.numel() == 0) return out;
+  const int64_t rows_per_block = std::min<int64_t>(N, std::max<int64_t>(16, 65536 / N));
+  const int64_t blocks = (N + rows_per_block - 1) / rows_per_block;
+  const float* pq = q.data_ptr<float>();
+  const float* pk = k.data_ptr<float>();
+  const float* pv = v.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(d * N), scores(rows_per_block * N), sums(rows_per_block);
+    int64_t head_in_kt = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t head = task / blocks, b = head / H, h = head % H;
+      const int64_t first = (task % blocks) * rows_per_block, m = std::min(rows_per_block, N - first);
+      if (head != head_in_kt) {  // consecutive tasks share a head's k^T
+        transpose_rows(pk + b * k.stride(0) + h * k.stride(1), k.stride(2), N, d, kt.data());
+        head_in_kt = head;
+      }
+      const float* qh = pq + b * q.stride(0) + h * q.stride(1) + first * q.stride(2);
+      at::native::cpublas::brgemm(m, N, d, q.stride(2), N, N, false, qh, kt.data(), scores.data(), false);
+      for (int64_t i = 0; i < m; ++i) sums[i] = row_softmax_numerators(scores.data() + i * N, N, scale);
+      float* o = po + ((b * N + first) * H + h) * d;
+      const float* vh = pv + b * v.stride(0) + h * v.stride(1);
+      at::native::cpublas::brgemm(m, d, N, N, v.stride(2), H * d, false, scores.data(), vh, o, false);
+      for (int64_t i = 0; i < m; ++i) row_scale(o + i * H * d, d, 1.0f / sums[i]);
+    }
+  });
+  return out;
+}
+
 // Which of the compiled row loops this CPU runs (the same test the target_clones resolver makes).
 std::string isa() {
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
@@ -189,12 +266,14 @@ TORCH_LIBRARY(tinyfusion_cpu, m) {
   m.def("residual_ln_modulate_(Tensor(a!) x, Tensor(b!) branch, Tensor? bias, Tensor gate, Tensor shift, "
         "Tensor scale, float eps) -> ()");
   m.def("bias_gelu_(Tensor(a!) h, Tensor bias) -> ()");
+  m.def("attention(Tensor q, Tensor k, Tensor v) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tinyfusion_cpu, CPU, m) {
   m.impl("ln_modulate", &ln_modulate);
   m.impl("residual_ln_modulate_", &residual_ln_modulate_);
   m.impl("bias_gelu_", &bias_gelu_);
+  m.impl("attention", &attention);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

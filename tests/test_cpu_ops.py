@@ -1,5 +1,5 @@
 """The C++ fused CPU ops against PyTorch fp64 references, over a shape grid with DiT-XL's hidden 1152,
-odd token counts and batch 1; strided modulation rows as the cpp backend passes them."""
+odd token counts and batch 1; strided modulation rows and q/k/v views as the cpp backend passes them."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,36 @@ def test_bias_gelu_saturates_without_nan():
     torch.testing.assert_close(h, F.gelu(torch.tensor([[-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4]]), approximate="tanh"))
 
 
+def attention_ref(q, k, v):
+    """softmax(q k^T / sqrt(d)) v in fp64, as (B, N, H, d)."""
+    q, k, v = q.double(), k.double(), v.double()
+    p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return (p @ v).transpose(1, 2)
+
+
+# (B, H, N, d): one token; odd counts; DiT-S/2 (d 64) and DiT-XL/2 (d 72) heads; N 300 and 1100 split the
+# queries into blocks of 218 and 59 rows with a partial last block, so a thread starts inside a head
+ATTENTION_SHAPES = [(1, 1, 1, 8), (2, 3, 17, 32), (8, 6, 256, 64), (1, 16, 7, 72), (1, 2, 300, 64), (2, 1, 1100, 16)]
+
+
+@pytest.mark.parametrize("b,h,n,d", ATTENTION_SHAPES)
+def test_attention_matches_fp64_on_qkv_views(b, h, n, d):
+    """q, k, v as the cpp backend passes them: strided views into one (B*N, 3*H*d) qkv GEMM output."""
+    qkv = rand(b * n, 3 * h * d, seed=9)
+    q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    out = ops.attention(q, k, v)
+    assert out.shape == (b, n, h, d) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), attention_ref(q, k, v), rtol=1e-5, atol=2e-5)
+
+
+def test_attention_contiguous_inputs_and_large_logits():
+    """Separate contiguous q, k, v, and scores up to ~1e3: the row max keeps every exp finite."""
+    q, k, v = (rand(2, 4, 65, 32, seed=s, scale=sc) for s, sc in ((10, 6.0), (11, 6.0), (12, 1.0)))
+    out = ops.attention(q, k, v)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), attention_ref(q, k, v), rtol=1e-4, atol=1e-4)
+
+
 def test_ops_reject_bad_inputs():
     x = rand(2, 3, 8)
     shift, scale = mod_rows(2, 8, 2, seed=0)
@@ -70,6 +100,13 @@ def test_ops_reject_bad_inputs():
         ops.ln_modulate(x.transpose(1, 2), shift, scale, 1e-6)
     with pytest.raises(RuntimeError, match=r"\(B, D\)"):
         ops.ln_modulate(x, shift[:1], scale, 1e-6)
+    q = rand(1, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.attention(q, q.double(), q)
+    with pytest.raises(RuntimeError, match="like q"):
+        ops.attention(q, q[:, :, :4], q)
+    with pytest.raises(RuntimeError, match="unit stride"):
+        ops.attention(q, q, q.transpose(2, 3))
 
 
 def test_ops_trace_under_torch_compile():
@@ -78,6 +115,9 @@ def test_ops_trace_under_torch_compile():
     shift, scale = mod_rows(2, 16, 2, seed=1)
     fn = torch.compile(lambda x, s, c: ops.ln_modulate(x, s, c, 1e-6) * 2, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(fn(x, shift, scale), ops.ln_modulate(x, shift, scale, 1e-6) * 2)
+    q = rand(2, 3, 5, 8)
+    attend = torch.compile(lambda q: ops.attention(q, q, q) + 1, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(attend(q), ops.attention(q, q, q) + 1)
 
 
 def test_isa_is_reported():

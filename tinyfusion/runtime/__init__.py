@@ -19,7 +19,7 @@ from ..models.dit import DiT, forward_with_cfg
 BACKENDS = {
     "eager": "PyTorch eager",
     "compile": "torch.compile (Inductor): on the CPU the whole model with freezing, on CUDA block by block",
-    "cpp": "C++ fused CPU ops (csrc/, pybind11) around oneDNN GEMMs and SDPA",
+    "cpp": "C++ fused CPU ops and attention (csrc/, pybind11) around oneDNN GEMMs",
     "triton": "Triton fused adaLN/GELU kernels and flash attention around PyTorch GEMMs (NVIDIA GPU)",
     "onnxruntime": "the model exported to ONNX, run by onnxruntime's CPU provider (fp32)",
     "tensorrt": "the model exported to ONNX, built into a TensorRT engine (NVIDIA GPU)",
@@ -167,7 +167,8 @@ def load(ckpt, backend: str = "eager", device="cpu", dtype=torch.float32, max_ba
         from . import cpu_ops
         from .fused import FusedForward
 
-        forward = FusedForward(model, cpu_ops.require(), onednn=True, fp8=fp8)
+        ops = cpu_ops.require()
+        forward = FusedForward(model, ops, ops.attention, onednn=True, fp8=fp8)
     elif backend == "triton":
         from .fused import FusedForward
 

@@ -4,6 +4,7 @@
     residual_ln_modulate_(x, branch, bias, gate, shift, scale, eps): x += gate * (branch + bias);
         branch <- LN(x) * (1 + scale) + shift          (both in place: no allocation per block)
     bias_gelu_(h, bias): h <- gelu_tanh(h + bias)       (in place, after the fc1 GEMM)
+    attention(q, k, v) -> softmax(q k^T / sqrt(d)) v    ((B, H, N, d) views, unit stride along d -> (B, N, H, d))
 """
 import torch
 
@@ -27,6 +28,11 @@ else:
     @torch.library.register_fake("tinyfusion_cpu::bias_gelu_")
     def _(h, bias):
         return None
+
+    @torch.library.register_fake("tinyfusion_cpu::attention")
+    def _(q, k, v):
+        B, H, N, d = q.shape
+        return q.new_empty(B, N, H, d)
 
 
 def require():

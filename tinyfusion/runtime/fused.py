@@ -6,13 +6,16 @@ fused with the next LayerNorm+modulate, and bias+GELU in place on the fc1 output
 of all blocks and of the final layer are one GEMM per forward. Both backends pass the same ops:
 ln_modulate, residual_ln_modulate_ and bias_gelu_, and an attention (B, H, N, d) -> (B, N, H, d).
 
-On the CPU the GEMMs go through oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel Inductor's CPU
-freezing path emits) with the weights reordered once into its blocked layout and tanh-GELU as the fc1
-GEMM's post-op: PyTorch's default addmm first copies the broadcast bias into its output, and a separate
-GELU pass reads and writes the widest activation again (measured in docs/runtime.md).
+On the CPU every GEMM (the blocks', the one adaLN GEMM and the final layer's) goes through oneDNN
+(`torch.ops.mkldnn._linear_pointwise`, the kernel Inductor's CPU freezing path emits) with the weights
+reordered once into its blocked layout and tanh-GELU as the fc1 GEMM's post-op: PyTorch's default addmm
+first copies the broadcast bias into its output, a separate GELU pass reads and writes the widest
+activation again, and at the adaLN GEMM's 8 rows it runs 4x slower (measured in docs/runtime.md).
 """
 import torch
 import torch.nn.functional as F
+
+from .fp8 import Fp8Gemms, block_linears
 
 
 def sdpa(q, k, v):
@@ -35,11 +38,11 @@ class TorchGemms:
 
 
 class OneDNNGemms:
-    """The block GEMMs through oneDNN on the CPU, weights reordered once (per module, at load)."""
+    """GEMMs through oneDNN on the CPU, the weights of `linears` reordered once (at load)."""
 
-    def __init__(self, model):
+    def __init__(self, linears):
         reorder = torch.ops.mkldnn._reorder_linear_weight
-        self.packed = {id(m): reorder(m.weight.detach(), None) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        self.packed = {id(m): reorder(m.weight.detach(), None) for m in linears}
 
     def linear(self, x, layer, bias=True):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed[id(layer)], layer.bias if bias else None, "none", [], "")
@@ -53,23 +56,33 @@ def onednn_available(model):
     return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
+def concatenated_linear(linears):
+    """One Linear computing every one of `linears` (same input) side by side: their outputs concatenated."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    out = torch.nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        out.bias.copy_(torch.cat([m.bias.detach() for m in linears]))
+    return out.requires_grad_(False)
+
+
 class FusedForward:
     def __init__(self, model, ops, attention=sdpa, onednn=False, fp8=False, fuse_quantization=True):
-        """fp8: the block GEMMs in FP8 (runtime/fp8.py); adaLN and the final layer stay in the model's dtype.
+        """onednn: every GEMM through oneDNN where the model is fp32 on the CPU (else through PyTorch).
+        fp8: the block GEMMs in FP8 (runtime/fp8.py); adaLN and the final layer stay in the model's dtype.
         fuse_quantization: with ops that have the E4M3 variants (Triton), the kernels before each FP8 GEMM
         write its input quantized (False: quantized in PyTorch, the cpp backend's way)."""
         self.ops, self.attention, self.model = ops, attention, model
         self.quantized = fp8 and fuse_quantization and hasattr(ops, "residual_ln_modulate_e4m3_")
-        if fp8:
-            from .fp8 import Fp8Gemms
-
-            self.gemms = Fp8Gemms(model, ops, fused=self.quantized)
-        else:
-            self.gemms = OneDNNGemms(model) if onednn and onednn_available(model) else TorchGemms(ops)
         blocks = list(model.blocks)
-        ada = [b.adaLN_modulation[1] for b in blocks] + [model.final_layer.adaLN_modulation[1]]
-        self.ada_weight = torch.cat([m.weight for m in ada]).t()  # (D, L*6D + 2D): one GEMM for every block
-        self.ada_bias = torch.cat([m.bias for m in ada])
+        # (D, L*6D + 2D): every block's adaLN projection and the final layer's, one GEMM per forward
+        self.ada = concatenated_linear([b.adaLN_modulation[1] for b in blocks] + [model.final_layer.adaLN_modulation[1]])
+        edges = [self.ada, model.final_layer.linear]  # outside the blocks: never FP8
+        if onednn and onednn_available(model):
+            self.plain_gemms = OneDNNGemms(edges + ([] if fp8 else list(block_linears(model))))
+        else:
+            self.plain_gemms = TorchGemms(ops)
+        self.gemms = Fp8Gemms(model, ops, fused=self.quantized) if fp8 else self.plain_gemms
         self.eps1 = 1e-6
         self.eps2 = blocks[0].norm2.eps if blocks else 1e-6
 
@@ -79,7 +92,7 @@ class FusedForward:
         B, N, D = tokens.shape
         H = m.num_heads
         c = m.t_embedder(t).to(tokens.dtype) + m.y_embedder(y, False)
-        mods = torch.addmm(self.ada_bias, F.silu(c), self.ada_weight)  # (B, L*6D + 2D)
+        mods = self.plain_gemms.linear(F.silu(c), self.ada)  # (B, L*6D + 2D)
 
         def mod(k):  # k-th (B, D) modulation row block: a strided view, unit stride along D
             return mods[:, k * D:(k + 1) * D]
@@ -103,7 +116,7 @@ class FusedForward:
             nxt = 6 * (i + 1)  # the next block's norm1 shift/scale, or the final layer's after the last block
             h = self.residual_norm(tokens, branch, blk.mlp.fc2.bias, mod(6 * i + 5), mod(nxt), mod(nxt + 1),
                                    self.eps1, self.quantized and i + 1 < depth)
-        out = torch.addmm(m.final_layer.linear.bias, h, m.final_layer.linear.weight.t())
+        out = self.plain_gemms.linear(h, m.final_layer.linear)
         return m.unpatchify(out.view(B, N, -1))
 
     def residual_norm(self, tokens, branch, bias, gate, shift, scale, eps, quantize):
