@@ -76,6 +76,17 @@ def test_one_depth_writes_a_null_fit_not_nan(tmp_path, capsys):
     assert "| eager | " in stdout and " | - | " in stdout
 
 
+def test_onnxruntime_gemm_path_computes_the_product_and_does_not_spin():
+    """The floor's MLAS path is a @ w.T, and its threads do not spin-wait after a run: they took the cores from
+    the forward timed next (8% slower, docs/runtime.md)."""
+    import torch
+
+    w, a = torch.randn(48, 32), torch.randn(5, 32)
+    session = latency.onnxruntime_matmul(w)
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"a": a.numpy()})[0]), a @ w.t(), rtol=1e-5, atol=1e-5)
+    assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_flops_count_matches_dit_xl():
     # The DiT paper's 118.6 "Gflops" for DiT-XL/2 counts multiply-adds (fvcore): we count 2 FLOPs each.
     c = latency.make_config("xl", 28)
