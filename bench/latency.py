@@ -3,7 +3,8 @@
 For each backend and depth, the median forward latency (after warm-up) of a DiT with random weights,
 then a fit t(L) = a + b*L with R^2, the half-depth speedup against its ideal (a + bL) / (a + bL/2) and
 against 2, and the share of the FLOP floor reached (FLOPs counted from the config over the fastest GEMM
-path's rate, timed in the same interleaved rounds as the backend's forwards). A width-pruned model with the
+path's rate, timed in the same interleaved rounds as the backend's forwards; on the CPU each timed call
+starts after a pause, so no thread of the call before still holds its cores). A width-pruned model with the
 parameters of the half-depth one (hidden and MLP sizes scaled by 1/sqrt(2) to the nearest multiple of
 lcm(heads, 4), head count kept) runs at full depth beside it: depth versus width.
 
@@ -38,6 +39,7 @@ PRESETS = {  # DiT-S/2 and DiT-XL/2 widths at 256 tokens (32x32x4 latents, patch
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TORCHAO = "torchao+fp8"
+SETTLE_S = 0.25  # the CPU's pause before each timed call (settle)
 
 
 def parse_args(argv):
@@ -143,8 +145,8 @@ def onnxruntime_matmul(w):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
-    # ORT's threads spin-wait after a run by default, on the cores the forward timed next needs: 40 ms (8%) on
-    # the cpp backend's DiT-S/2 forward right after this GEMM (docs/runtime.md); this GEMM loses nothing by it
+    # ORT's threads spin-wait after a run by default, on the cores the call timed next needs (a cpp forward right
+    # after an onnxruntime run: 5-7% slower, bench/settle.py); this GEMM's own rate loses nothing by it
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
@@ -154,6 +156,14 @@ def median_ms(fn, device, warmup, repeats):
         for _ in range(warmup):
             fn()
         return statistics.median(time_once(fn, device) for _ in range(repeats))
+
+
+def settle(device):
+    """On the CPU, a pause before each timed call: the threads of the call before (onnxruntime's spin-wait
+    after a run by default, for tens of ms) must not share the cores with the one timed next
+    (bench/settle.py measures how long they do)."""
+    if not str(device).startswith("cuda"):
+        time.sleep(SETTLE_S)
 
 
 def time_once(fn, device):
@@ -274,8 +284,10 @@ def measure_backend(args, backend, gemms):
     with torch.no_grad():
         for _ in range(args.repeats):
             for case, (_, fn) in cases.items():
+                settle(args.device)
                 times[case].append(time_once(fn, args.device))
             for name, fn in gemms.items():
+                settle(args.device)
                 fn()
                 times["gemm", name].append(time_once(fn, args.device))
     return {case: statistics.median(ts) for case, ts in times.items()}, {case: rt for case, (rt, _) in cases.items()}

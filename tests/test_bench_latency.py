@@ -78,7 +78,7 @@ def test_one_depth_writes_a_null_fit_not_nan(tmp_path, capsys):
 
 def test_onnxruntime_gemm_path_computes_the_product_and_does_not_spin():
     """The floor's MLAS path is a @ w.T, and its threads do not spin-wait after a run: they took the cores from
-    the forward timed next (8% slower, docs/runtime.md)."""
+    the call timed next (bench/settle.py)."""
     import torch
 
     w, a = torch.randn(48, 32), torch.randn(5, 32)

@@ -59,11 +59,10 @@ def onednn_available(model):
 def concatenated_linear(linears):
     """One Linear computing every one of `linears` (same input) side by side: their outputs concatenated."""
     weight = torch.cat([m.weight.detach() for m in linears])
-    out = torch.nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(weight)
-        out.bias.copy_(torch.cat([m.bias.detach() for m in linears]))
-    return out.requires_grad_(False)
+    out = torch.nn.Linear(weight.shape[1], weight.shape[0], device="meta")  # no initialization to overwrite
+    out.weight = torch.nn.Parameter(weight, requires_grad=False)
+    out.bias = torch.nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+    return out
 
 
 class FusedForward:
