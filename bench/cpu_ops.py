@@ -9,6 +9,7 @@ CPU), with the rate each reaches over the case's FLOPs:
   adaln      the one adaLN GEMM of all blocks (batch rows): oneDNN, weight reordered once | torch.addmm
   fc1        the MLP's first GEMM with bias and tanh-GELU: oneDNN with GELU as post-op | oneDNN + the C++
              bias_gelu_ pass | torch.mm + bias_gelu_
+  fc1 GEMM   the same GEMM with its bias and no GELU, through oneDNN: what the GELU epilogue costs
   forward    the whole forward of the cpp backend (random DiT of --depth blocks) | the same with PyTorch's
              SDPA for attention (FLOPs as bench/latency.py counts them)
 
@@ -104,6 +105,9 @@ def cases(args):
             "oneDNN + GELU post-op": lambda: onednn(x, w1_packed, b1, "gelu", [], "tanh"),
             "oneDNN, then bias_gelu_": onednn_then_gelu,
             "torch mm, then bias_gelu_": addmm_then_gelu,
+        }),
+        "fc1 GEMM": (2 * B * N * D * 4 * D, {
+            "oneDNN, bias, no GELU": lambda: onednn(x, w1_packed, b1, "none", [], ""),
         }),
         "forward": (forward_flops(config, B), {
             "cpp backend": lambda: cpp(latents, steps, labels),

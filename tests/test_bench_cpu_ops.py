@@ -25,14 +25,15 @@ def test_small_run_writes_every_implementation(tmp_path, capsys):
     assert [(r["case"], r["implementation"]) for r in summary["rows"]] == [
         ("attention", "cpp attention"), ("attention", "torch SDPA"), ("adaln", "oneDNN"), ("adaln", "torch addmm"),
         ("fc1", "oneDNN + GELU post-op"), ("fc1", "oneDNN, then bias_gelu_"), ("fc1", "torch mm, then bias_gelu_"),
-        ("forward", "cpp backend"), ("forward", "cpp with torch SDPA")]
+        ("fc1 GEMM", "oneDNN, bias, no GELU"), ("forward", "cpp backend"), ("forward", "cpp with torch SDPA")]
     config = DiTConfig(depth=2, hidden_size=64, num_heads=2, patch_size=2, input_size=8)
-    flops = {"attention": 4 * 2 * 16 * 16 * 64, "adaln": 2 * 2 * 64 * (2 * 6 * 64 + 2 * 64), "fc1": 2 * 2 * 16 * 64 * 256,
+    mlp = 2 * 2 * 16 * 64 * 256
+    flops = {"attention": 4 * 2 * 16 * 16 * 64, "adaln": 2 * 2 * 64 * (2 * 6 * 64 + 2 * 64), "fc1": mlp, "fc1 GEMM": mlp,
              "forward": latency.forward_flops(config, 2)}
     for r in summary["rows"]:
         assert r["median_ms"] > 0 and r["gflops"] == pytest.approx(flops[r["case"]] / r["median_ms"] / 1e6)
     firsts = [r for r in summary["rows"] if r["implementation"] in ("cpp attention", "oneDNN", "oneDNN + GELU post-op",
-                                                                  "cpp backend")]
+                                                                  "oneDNN, bias, no GELU", "cpp backend")]
     assert all(r["speedup_of_first"] == 1.0 for r in firsts)
     assert "| attention | cpp attention |" in stdout
 

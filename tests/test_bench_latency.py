@@ -11,6 +11,12 @@ sys.path.insert(0, f"{ROOT}/bench")
 import latency  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def short_settle(monkeypatch):
+    """The pause before each timed call kept (settle runs) but short: these runs check outputs, not speed."""
+    monkeypatch.setattr(latency, "SETTLE_S", 0.01)
+
+
 def test_small_run_writes_fit_and_outputs(tmp_path, capsys):
     """The fit, the half-depth speedup, its ideal and the floor fraction recomputed from the medians the run
     wrote (numpy's least squares, not the bench's own formula); the CSV holds the same medians."""

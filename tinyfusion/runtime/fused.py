@@ -75,7 +75,8 @@ class FusedForward:
         self.quantized = fp8 and fuse_quantization and hasattr(ops, "residual_ln_modulate_e4m3_")
         blocks = list(model.blocks)
         # (D, L*6D + 2D): every block's adaLN projection and the final layer's, one GEMM per forward
-        self.ada = concatenated_linear([b.adaLN_modulation[1] for b in blocks] + [model.final_layer.adaLN_modulation[1]])
+        self.ada = concatenated_linear([b.adaLN_modulation[1] for b in blocks]
+                                       + [model.final_layer.adaLN_modulation[1]])
         edges = [self.ada, model.final_layer.linear]  # outside the blocks: never FP8
         if onednn and onednn_available(model):
             self.plain_gemms = OneDNNGemms(edges + ([] if fp8 else list(block_linears(model))))
