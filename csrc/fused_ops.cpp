@@ -1,10 +1,11 @@
-// Fused CPU ops for the non-GEMM work of a DiT block (fp32, rows of the hidden size D):
+// Fused CPU ops for a DiT block's work around its Linear GEMMs (fp32, rows of the hidden size D):
 //   ln_modulate            out = LN(x) * (1 + scale) + shift                   (no affine, per-sample rows)
 //   residual_ln_modulate_  x += gate * (branch + bias); branch = LN(x) * (1 + scale) + shift   (in place)
 //   bias_gelu_             h = gelu_tanh(h + bias)                              (in place, the fc1 epilogue)
 //   attention              softmax(q k^T / sqrt(d)) v per (sample, head): (B, H, N, d) views -> (B, N, H, d)
-// One pass over memory each; rows are spread over threads with at::parallel_for. The row loops are
-// compiled three times (AVX-512, AVX2, portable) and the loader picks the best the CPU has.
+// The row ops make one pass over memory each; rows (attention: heads) are spread over threads with
+// at::parallel_for. The row loops are compiled three times (AVX-512, AVX2, portable) and the loader picks
+// the best the CPU has.
 // Narrow headers, not <torch/extension.h>: the whole C++ frontend took 64 s of a 2-core install to
 // compile; these take 17 s.
 #include <ATen/Parallel.h>
@@ -121,7 +122,11 @@ void check_heads(const at::Tensor& t, const at::Tensor& q, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
   TORCH_CHECK(t.dim() == 4 && t.sizes() == q.sizes() && t.stride(3) == 1, name,
               " must be (B, H, N, d) like q, with unit stride along d");
+  TORCH_CHECK(t.size(2) < 2 || t.stride(2) >= t.size(3), name, "'s rows of d must not overlap (stride along N >= d)");
 }
+
+// A GEMM operand's leading dimension: the stride between rows, any value >= d when there is one row.
+int64_t row_stride(const at::Tensor& t) { return t.size(2) > 1 ? t.stride(2) : t.size(3); }
 
 // Rows of a (B, N, D) tensor are grouped by sample b = row / N; modulation rows are (B, D) with any row stride.
 void check_tokens(const at::Tensor& x, const char* name) {
@@ -240,11 +245,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         head_in_kt = head;
       }
       const float* qh = pq + b * q.stride(0) + h * q.stride(1) + first * q.stride(2);
-      at::native::cpublas::brgemm(m, N, d, q.stride(2), N, N, false, qh, kt.data(), scores.data(), false);
+      at::native::cpublas::brgemm(m, N, d, row_stride(q), N, N, false, qh, kt.data(), scores.data(), false);
       for (int64_t i = 0; i < m; ++i) sums[i] = row_softmax_numerators(scores.data() + i * N, N, scale);
       float* o = po + ((b * N + first) * H + h) * d;
       const float* vh = pv + b * v.stride(0) + h * v.stride(1);
-      at::native::cpublas::brgemm(m, d, N, N, v.stride(2), H * d, false, scores.data(), vh, o, false);
+      at::native::cpublas::brgemm(m, d, N, N, row_stride(v), H * d, false, scores.data(), vh, o, false);
       for (int64_t i = 0; i < m; ++i) row_scale(o + i * H * d, d, 1.0f / sums[i]);
     }
   });

@@ -83,6 +83,13 @@ def test_attention_matches_fp64_on_qkv_views(b, h, n, d):
     torch.testing.assert_close(out.double(), attention_ref(q, k, v), rtol=1e-5, atol=2e-5)
 
 
+def test_attention_one_token_with_any_row_stride():
+    """One token: its row stride is whatever the view says (here 1, below d); the GEMMs must not read it."""
+    q = rand(2, 3, 8, 1, seed=13).transpose(2, 3)  # (2, 3, 1, 8), stride along N is 1
+    assert q.stride(2) == 1
+    torch.testing.assert_close(ops.attention(q, q, q).double(), attention_ref(q, q, q), rtol=1e-5, atol=2e-5)
+
+
 def test_attention_contiguous_inputs_and_large_logits():
     """Separate contiguous q, k, v, and scores up to ~1e3: the row max keeps every exp finite."""
     q, k, v = (rand(2, 4, 65, 32, seed=s, scale=sc) for s, sc in ((10, 6.0), (11, 6.0), (12, 1.0)))
@@ -107,6 +114,8 @@ def test_ops_reject_bad_inputs():
         ops.attention(q, q[:, :, :4], q)
     with pytest.raises(RuntimeError, match="unit stride"):
         ops.attention(q, q, q.transpose(2, 3))
+    with pytest.raises(RuntimeError, match="must not overlap"):
+        ops.attention(q, q[:, :, :1].expand(1, 2, 5, 8), q)
 
 
 def test_ops_trace_under_torch_compile():
