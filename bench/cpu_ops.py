@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from latency import forward_flops, random_model  # noqa: E402
+from latency import forward_flops, random_model, time_once  # noqa: E402
 
 from tinyfusion.checkpoint import atomic_write  # noqa: E402
 from tinyfusion.errors import Parser, cli, positive, writable_file  # noqa: E402
@@ -133,9 +133,7 @@ def measure(all_cases, warmup, repeats):
                 fn()
         for _ in range(repeats):
             for case, impl, fn in calls:
-                t0 = time.perf_counter()
-                fn()
-                times[case, impl].append((time.perf_counter() - t0) * 1e3)
+                times[case, impl].append(time_once(fn, "cpu"))
     return {key: statistics.median(ts) for key, ts in times.items()}
 
 

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-from latency import PRESETS, SETTLE_S, example_inputs, make_config, random_model  # noqa: E402
+from latency import PRESETS, SETTLE_S, example_inputs, make_config, random_model, time_once  # noqa: E402
 
 from tinyfusion.checkpoint import atomic_write  # noqa: E402
 from tinyfusion.errors import Parser, cli, positive, writable_file  # noqa: E402
@@ -48,12 +48,6 @@ def parse_args(argv):
     return args
 
 
-def timed_ms(fn):
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 @cli
 def main(argv=None):
     args = parse_args(argv)
@@ -62,8 +56,9 @@ def main(argv=None):
     ort = load(random_model(make_config("cpu", 1)), backend="onnxruntime")
     forward = lambda: cpp(x, t, y)  # noqa: E731
     with torch.no_grad():
-        for _ in range(3):
-            forward(), ort(x, t, y)
+        for _ in range(3):  # warm-up
+            forward()
+            ort(x, t, y)
         cases = [(before, pause) for before in ("nothing", "onnxruntime") for pause in args.pauses_ms]
         times = {case: [] for case in cases}
         for _ in range(args.repeats):  # interleaved rounds: the machine's drift hits every case alike
@@ -72,7 +67,7 @@ def main(argv=None):
                 if before == "onnxruntime":
                     ort(x, t, y)
                 time.sleep(pause / 1e3)
-                times[before, pause].append(timed_ms(forward))
+                times[before, pause].append(time_once(forward, "cpu"))
     rows = [{"before": before, "pause_ms": pause, "cpp_ms": statistics.median(times[before, pause])}
             for before, pause in cases]
     quiet = {r["pause_ms"]: r["cpp_ms"] for r in rows if r["before"] == "nothing"}
