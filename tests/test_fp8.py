@@ -7,7 +7,7 @@ import torch
 
 from tinyfusion import runtime
 from tinyfusion.models import DiT, config_from_name
-from tinyfusion.runtime.fp8 import Fp8Gemms, qdq_linear, quantize
+from tinyfusion.runtime.fp8 import Fp8Gemms, qdq_linear, quantize, rowwise_scaled_mm
 
 from conftest import inputs, randomized
 
@@ -32,9 +32,14 @@ def test_quantizer_is_per_row_amax_scaling_and_e4m3_rounding():
     assert (q.float().abs().amax(1) == 448.0).all()  # each row's largest value lands on the format's max
 
 
-def test_scaled_mm_path_equals_the_quantize_dequantize_reference():
+@pytest.mark.parametrize("rowwise", [True, False])
+def test_scaled_mm_path_equals_the_quantize_dequantize_reference(rowwise):
     """What _scaled_mm computes (E4M3 operands, both scales, fp32 accumulation, bias) is the fp32 product of
-    the rounded operands: only the summation order differs."""
+    the rounded operands: only the summation order differs. Both ways: the scales inside _scaled_mm, and unit
+    scales with the scales applied after (the way where _scaled_mm takes one scale per operand only, as
+    PyTorch 2.11's CPU implementation does)."""
+    if rowwise and not rowwise_scaled_mm("cpu"):
+        pytest.skip(f"PyTorch {torch.__version__}'s CPU _scaled_mm takes one scale per operand only")
     g = torch.Generator().manual_seed(1)
     layer = torch.nn.Linear(128, 384)
     with torch.no_grad():
@@ -50,7 +55,9 @@ def test_scaled_mm_path_equals_the_quantize_dequantize_reference():
             block.attn.proj = block.mlp.fc1 = block.mlp.fc2 = torch.nn.Linear(2, 2)
             self.blocks = torch.nn.ModuleList([block])
 
-    out = Fp8Gemms(Model(), ops=None).linear(x, layer)
+    gemms = Fp8Gemms(Model(), ops=None)
+    gemms.rowwise = rowwise
+    out = gemms.linear(x, layer)
     torch.testing.assert_close(out, qdq_linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 

@@ -13,6 +13,8 @@ implementation: slow, but the same arithmetic, so accuracy (cosine to the unquan
 teacher's FID) is measured on the CPU. `qdq_linear` is the quantize-dequantize reference in fp32 the tests
 hold the real path to.
 """
+import functools
+
 import torch
 
 from ..errors import UserError
@@ -52,6 +54,19 @@ def check_device(device):
                         f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
 
 
+@functools.lru_cache(maxsize=None)
+def rowwise_scaled_mm(device_type):
+    """Whether `_scaled_mm` takes per-row and per-column scales on this device type. PyTorch 2.11's CPU
+    implementation takes one scale per operand only (an internal assert otherwise); 2.13's takes both."""
+    a = torch.zeros(16, 16, device=device_type).to(E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device_type),
+                         scale_b=torch.ones(1, 16, device=device_type), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
+
+
 def block_linears(model):
     return [m for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)]
 
@@ -64,7 +79,10 @@ class Fp8Gemms:
     def __init__(self, model, ops, fused=False):
         self.ops, self.fused = ops, fused
         self.quantize_rows = ops.quantize_rows if fused else lambda x: quantize(x, -1)
-        self.out_dtype = next(model.parameters()).dtype
+        first = next(model.parameters())
+        self.out_dtype = first.dtype
+        self.rowwise = rowwise_scaled_mm(first.device.type)
+        self.unit = torch.ones((), device=first.device)
         # weight (N, K) row-major: its transpose is the column-major (K, N) operand _scaled_mm wants
         self.weights = {}
         for m in block_linears(model):
@@ -75,7 +93,12 @@ class Fp8Gemms:
         wq, ws = self.weights[id(layer)]
         xq, xs = x if isinstance(x, tuple) else self.quantize_rows(x)
         b = layer.bias.to(self.out_dtype) if bias and layer.bias is not None else None
-        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, bias=b, out_dtype=self.out_dtype)
+        if self.rowwise:
+            return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, bias=b, out_dtype=self.out_dtype)
+        # unit scales, then the row and column scales on the fp32 sums: the same products and sums
+        out = torch._scaled_mm(xq, wq.t(), scale_a=self.unit, scale_b=self.unit, out_dtype=torch.float32)
+        out = out.mul_(xs).mul_(ws)
+        return (out if b is None else out.add_(b)).to(self.out_dtype)
 
     def linear_gelu(self, x, layer):
         h = self.linear(x, layer, bias=False)
