@@ -114,6 +114,7 @@ def test_bias_gelu(r, d, dtype):
     torch.testing.assert_close(h.double(), want, **TOL[dtype])
 
 
+@pytest.mark.usefixtures("interpreter_loops")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("b,h,n,d", [(1, 2, 1, 64), (3, 2, 17, 72), (1, 1, 33, 64), (2, 3, 20, 32)])
 def test_flash_attention_against_sdpa(b, h, n, d, dtype):
@@ -136,6 +137,7 @@ def test_attention_dispatch_uses_triton_in_the_interpreter_and_obeys_the_overrid
         ops.attention_choice(q)
 
 
+@pytest.mark.usefixtures("interpreter_loops")
 @pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16)])
 def test_flash_attention_tiles_other_than_the_default(block_m, block_n):
     qkv = rand(2, 37, 3, 2, 24, seed=5, dtype=torch.float32)
@@ -145,6 +147,7 @@ def test_flash_attention_tiles_other_than_the_default(block_m, block_n):
     torch.testing.assert_close(out.double(), want, **TOL[torch.float32])
 
 
+@pytest.mark.usefixtures("interpreter_loops")
 def test_triton_backend_matches_eager():
     model = tiny_dit(depth=2, hidden_size=64, num_heads=2)
     x, t, y = inputs(model.config, n=2)
@@ -240,6 +243,7 @@ def test_bias_gelu_e4m3_quantizes_the_gelu_output_per_row(r, d):
     assert torch.equal(h, h_before)
 
 
+@pytest.mark.usefixtures("interpreter_loops")
 def test_fp8_forward_with_quantization_in_the_kernels_equals_quantizing_in_pytorch():
     """The fused forward with FP8 GEMMs, its activations quantized by the kernels that produce them, against
     the same forward quantizing each GEMM input in PyTorch (the cpp backend's way): the same E4M3 operands,
