@@ -55,13 +55,14 @@ def check_device(device):
 
 
 @functools.lru_cache(maxsize=None)
-def rowwise_scaled_mm(device_type):
-    """Whether `_scaled_mm` takes per-row and per-column scales on this device type. PyTorch 2.11's CPU
-    implementation takes one scale per operand only (an internal assert otherwise); 2.13's takes both."""
+def rowwise_scaled_mm(device_type, out_dtype):
+    """Whether `_scaled_mm` takes per-row and per-column scales on this device type for this output dtype.
+    PyTorch 2.11's CPU implementation takes one scale per operand only (an internal assert otherwise), 2.13's
+    takes both; on CUDA row-wise scales need a bf16 output."""
     a = torch.zeros(16, 16, device=device_type).to(E4M3)
     try:
         torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device_type),
-                         scale_b=torch.ones(1, 16, device=device_type), out_dtype=torch.float32)
+                         scale_b=torch.ones(1, 16, device=device_type), out_dtype=out_dtype)
     except RuntimeError:
         return False
     return True
@@ -81,7 +82,7 @@ class Fp8Gemms:
         self.quantize_rows = ops.quantize_rows if fused else lambda x: quantize(x, -1)
         first = next(model.parameters())
         self.out_dtype = first.dtype
-        self.rowwise = rowwise_scaled_mm(first.device.type)
+        self.rowwise = rowwise_scaled_mm(first.device.type, first.dtype)
         self.unit = torch.ones((), device=first.device)
         # weight (N, K) row-major: its transpose is the column-major (K, N) operand _scaled_mm wants
         self.weights = {}
