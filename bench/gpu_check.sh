@@ -29,9 +29,11 @@ BUDGET=${BUDGET:-480}
 RES=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee "$RES/log.txt") 2>&1
+TEE=$!  # waited for before the last pack, so the log in it is whole
 if ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried for packages the machine lacks (diffusers, torchao)
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
+    SITE=$(mktemp -d)
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+        && export PYTHONPATH=$SITE
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TRITON_INTERPRET=0  # compiled kernels (tests/conftest.py would otherwise choose the interpreter)
@@ -43,19 +45,21 @@ stage() {  # stage KEY NAME SECONDS COMMAND...: run under min(SECONDS, what is l
     ((left < limit)) && limit=$left
     if ((limit < 20)); then echo "== $name: skipped, budget spent"; return; fi
     echo "== $name (at ${SECONDS}s, limit ${limit}s)"
-    timeout "$limit" "$@"
+    timeout -k 10 "$limit" "$@"  # -k: a process stuck in the driver that ignores TERM is killed 10 s later
     echo "== $name: exit $? after ${SECONDS}s"
     tar czf "$OUT/gpu_check.tgz" -C "$RES" .
 }
 
-$PY -c "import json, torch, triton, datetime; print(json.dumps({'gpu': torch.cuda.get_device_name(), 'torch': torch.__version__, 'triton': triton.__version__, 'date': datetime.date.today().isoformat()}))" > "$RES/device.json"
+$PY -c "import json, torch, triton, datetime; print(json.dumps({'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None, 'torch': torch.__version__, 'triton': triton.__version__, 'date': datetime.date.today().isoformat()}))" > "$RES/device.json"
 cat "$RES/device.json"
+{ nvidia-smi; $PY -m pip freeze; } > "$RES/environment.txt" 2>&1  # clocks, other processes, what is installed
 OFFICIAL_ARG=(); [[ -f .official/train_masked_kd.py ]] && OFFICIAL_ARG=(--official .official)
 stage train "training step speed (ours, official)" 150 $PY bench/train_speed.py --device cuda "${OFFICIAL_ARG[@]}" \
     --json "$RES/train_speed.json"
 stage smoke "training commands under torchrun (NCCL)" 150 $PY bench/train_smoke.py --json "$RES/train_smoke.json"
 stage fsdp "FSDP beside DDP on one GPU" 60 $PY bench/fsdp_step.py --nproc 1 --steps 40 --json "$RES/fsdp_step.json"
-stage tests "GPU tests" 120 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_training.py \
+# -v: each test's result reaches the log as it ends (pytest writes the XML only at the end)
+stage tests "GPU tests" 120 $PY -m pytest -v -p no:cacheprovider tests/test_gpu.py tests/test_gpu_training.py \
     --junitxml="$RES/gpu_tests.xml"
 stage latency "latency xl: eager, triton, triton+fp8" 120 $PY bench/latency.py --preset xl --device cuda --dtype bf16 --batch 64 \
     --backends eager triton triton+fp8 --cuda-graphs --repeats 20 --json "$RES/latency_xl.json"
@@ -78,4 +82,5 @@ stage cpu "CPU tests on this torch" 90 env CUDA_VISIBLE_DEVICES= $PY -m pytest -
     tests/test_run_folder.py \
     --junitxml="$RES/cpu_tests.xml"
 echo "results in $OUT/gpu_check.tgz after ${SECONDS}s"
+exec >&- 2>&- && wait "$TEE"
 tar czf "$OUT/gpu_check.tgz" -C "$RES" .
