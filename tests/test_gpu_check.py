@@ -19,13 +19,18 @@ from conftest import ROOT, bench_module
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 
 
+def source():
+    with open(SCRIPT) as f:
+        return f.read()
+
+
 class Parsed(Exception):
     """Raised instead of running the benchmark once its arguments have parsed."""
 
 
 def stage_commands():
     """{stage key: argv after `$PY`, with `env VAR=...` prefixes dropped}, from the script's `stage` lines."""
-    text = open(SCRIPT).read().replace("\\\n", " ")
+    text = source().replace("\\\n", " ")
     commands = {}
     for line in text.splitlines():
         if not line.startswith("stage "):
@@ -45,8 +50,8 @@ def stage_commands():
 def test_the_script_is_valid_bash_and_names_every_stage_it_may_run():
     subprocess.run(["bash", "-n", SCRIPT], check=True)
     # a backslash followed by spaces or a comment ends the command there: its next line runs on its own
-    assert not re.search(r"\\[ \t]+($|#)", open(SCRIPT).read(), re.M)
-    only = re.search(r"ONLY=\$\{ONLY:-([^}]*)\}", open(SCRIPT).read()).group(1).split()
+    assert not re.search(r"\\[ \t]+($|#)", source(), re.M)
+    only = re.search(r"ONLY=\$\{ONLY:-([^}]*)\}", source()).group(1).split()
     assert sorted(only) == sorted(stage_commands())  # a stage left out of ONLY's default would never run
 
 
